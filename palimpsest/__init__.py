@@ -1,0 +1,1 @@
+"""Palimpsest: a job service that rewrites deep generative models."""
