@@ -1,0 +1,67 @@
+"""Input no view could use, refused before a view sees it (``init_app``).
+
+- NUL characters: PostgreSQL text cannot hold them, so an id, a filter or a name with
+  one would fail inside a query (a 500) instead of being refused. A path with one
+  answers 404 (no resource has such an id); a query parameter or a string of a JSON
+  body a view reads answers 422 naming the field.
+- JSON nested deeper than ``MAX_JSON_DEPTH``: no field of the API nests that far, and
+  deep enough nesting crashes the parser (RecursionError), so it answers 400.
+"""
+import flask
+from flask import request
+
+from api.errors import BadRequest, NotFound, ValidationError
+
+MAX_JSON_DEPTH = 32
+
+
+def json_problem(body) -> tuple[str, str] | None:
+    """(field, reason) for the first string with a NUL or a level nested too deep, else None."""
+    stack = [(body, "", 1)]
+    while stack:
+        value, field, depth = stack.pop()
+        if isinstance(value, str):
+            if "\x00" in value:
+                return field, "must not contain NUL characters"
+        elif isinstance(value, (dict, list)):
+            if depth > MAX_JSON_DEPTH:
+                return field, f"nests deeper than {MAX_JSON_DEPTH} levels"
+            items = value.items() if isinstance(value, dict) else ((f"[{i}]", v) for i, v in enumerate(value))
+            for key, item in items:
+                if "\x00" in key:
+                    return field or key, "has a key with a NUL character"
+                path = key if not field else f"{field}{key}" if key.startswith("[") else f"{field}.{key}"
+                stack.append((item, path, depth + 1))
+    return None
+
+
+class Request(flask.Request):
+    """The app's request: a JSON body a view reads is checked as it is parsed, so a
+    route that reads no body (a cancel) answers the same whatever body comes with it."""
+
+    def get_json(self, force=False, silent=False, cache=True):
+        try:
+            body = super().get_json(force=force, silent=silent, cache=cache)
+        except RecursionError:
+            raise BadRequest(f"the JSON body nests deeper than {MAX_JSON_DEPTH} levels") from None
+        problem = json_problem(body)
+        if problem is not None:
+            field, reason = problem
+            if reason.startswith("nests"):
+                raise BadRequest(f"the JSON body {reason}" + (f" (at {field})" if field else ""))
+            raise ValidationError(reason, field=field)
+        return body
+
+
+def check_request() -> None:
+    """``before_request``: the path and the query string."""
+    if "\x00" in request.path:
+        raise NotFound("no resource has this id")
+    for name, value in request.args.items(multi=True):
+        if "\x00" in name or "\x00" in value:
+            raise ValidationError("must not contain NUL characters", field=name)
+
+
+def init_app(app) -> None:
+    app.request_class = Request
+    app.before_request(check_request)

@@ -1,0 +1,185 @@
+"""Merged edits: a batch's succeeded members on one checkpoint and layer, solved jointly.
+
+``merge_batch(batch_id)`` (queue ``gpu``) runs for a batch created with ``merge``, once
+all its members have ended (``workers.batches.refresh_batch`` moves the batch to
+``finalizing`` and sends it). It groups the succeeded members by (base checkpoint
+sha256, layer) and for each group:
+
+1. loads the base model (through the worker's cache) and recomputes every member's edit
+   targets with ``rewriting.edit.edit_targets`` from the job row (the member's own
+   statistic, for erase's salient units);
+2. takes each member's context directions from its own delta artifact, and solves all the
+   rules together with ``rewriting.merge.merge_rules``: one low-rank update over the
+   union of their directions (the members' insert settings: the first member's
+   method, lr and loss, the most steps any member asked for);
+3. uploads, content-addressed in the batch's tenant space, the merged delta, the merged
+   checkpoint (the base with that delta, ``rewriting.delta.materialize``) and a report:
+
+       tenants/<tenant>/delta/<sha256>/delta.safetensors
+       tenants/<tenant>/checkpoint/<sha256>/model.safetensors
+       tenants/<tenant>/merge_report/<sha256>/merge_report.json
+
+   The report gives each rule's constraint loss unedited, alone (its own delta) and in
+   the merged model, with its job and custom id;
+4. records a ``BatchMerge`` row (status ``succeeded``, or ``failed`` with ``error_code``
+   when the engine refuses the group, e.g. a layer without a spatial map).
+
+Then ``workers.batches.complete_batch`` ends the batch. Safe to run twice: a group
+with a ``BatchMerge`` row is skipped, rows are inserted if absent, and uploads are
+content-addressed. A store or database outage raises and leaves the batch
+``finalizing``; ``workers.batches.sweep`` sends the task again.
+
+The API shows the ``BatchMerge`` rows with the batch (``api/batches.py``). The engine
+(torch) is imported inside the functions that compute.
+"""
+import json
+import logging
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+from celery import shared_task
+from sqlalchemy import select
+from sqlalchemy.dialects import postgresql, sqlite
+
+from storage.db import session_scope
+from storage.models import Artifact, Batch, BatchMerge, Job, Statistic, new_id, utcnow
+
+log = logging.getLogger(__name__)
+
+
+def record_merge(session, **columns) -> bool:
+    """Insert the batch's merge of (model_sha256, layer) unless one exists; True if inserted."""
+    insert = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}[session.get_bind().dialect.name]
+    # Core inserts skip the ORM's Python-side defaults, so they are given here.
+    result = session.execute(insert(BatchMerge).values(id=new_id("bmg"), created_at=utcnow(), **columns)
+                             .on_conflict_do_nothing(index_elements=["batch_id", "model_sha256", "layer"])
+                             .returning(BatchMerge.id))
+    return result.scalar() is not None
+
+
+def member_groups(session, batch_id: str, default_samples: int) -> dict:
+    """Succeeded members by (base sha256, layer): {key: [(job, plan), ...]}, in submission order."""
+    from rewriting.errors import EngineError
+    from workers.jobs import JobFailed, plan_job
+
+    groups = defaultdict(list)
+    jobs = session.scalars(select(Job).where(Job.batch_id == batch_id, Job.status == "succeeded")
+                           .order_by(Job.created_at, Job.id)).all()
+    for job in jobs:
+        try:
+            plan = plan_job(session, job.id, default_samples)
+        except (JobFailed, EngineError) as e:  # its model was deleted since, say: it cannot be merged
+            log.warning("batch %s: member %s left out of the merge: %s", batch_id, job.id, e)
+            continue
+        groups[(plan.base_sha256, job.layer)].append(plan)
+    return groups
+
+
+def process_merge(session_factory, store, settings, batch_id: str, warm=None, celery=None) -> str | None:
+    """The body of ``merge_batch``: merge each group not merged yet, then complete the batch.
+    Returns the batch's status afterwards (None: no such batch). A batch that is not
+    ``finalizing`` with ``merge`` set is left as it is."""
+    from rewriting.errors import EngineError
+    from workers.artifacts import ChecksumMismatch
+    from workers.batches import complete_batch
+
+    with session_scope(session_factory) as session:
+        batch = session.get(Batch, batch_id, populate_existing=True)
+        if batch is None:
+            return None
+        if batch.status != "finalizing" or not batch.merge:
+            return batch.status
+        tenant_id = batch.tenant_id
+        done = {(sha, layer) for sha, layer in session.execute(
+            select(BatchMerge.model_sha256, BatchMerge.layer).where(BatchMerge.batch_id == batch_id))}
+        groups = {key: plans for key, plans in member_groups(session, batch_id, settings.stat_samples).items()
+                  if key not in done}
+    for (base_sha256, layer), plans in groups.items():
+        columns = dict(batch_id=batch_id, model_id=plans[0].model.id, model_sha256=base_sha256, layer=layer,
+                       rules=len(plans))
+        try:
+            columns.update(merge_group(session_factory, store, settings, tenant_id, plans, warm))
+        except (EngineError, ChecksumMismatch) as e:
+            columns.update(status="failed", error_code=e.code, error_message=str(e))
+            log.warning("batch %s: merge of %s at %s failed: %s", batch_id, base_sha256[:12], layer, e)
+        with session_scope(session_factory) as session:
+            record_merge(session, **columns)
+    complete_batch(session_factory, batch_id, celery)
+    with session_scope(session_factory) as session:
+        return session.scalar(select(Batch.status).where(Batch.id == batch_id))
+
+
+def merge_group(session_factory, store, settings, tenant_id: str, plans: list, warm=None) -> dict:
+    """Solve one group's rules jointly and upload the results; the BatchMerge columns."""
+    from rewriting.delta import EditDelta, materialize
+    from rewriting.edit import edit_targets
+    from rewriting.errors import IncompatibleError
+    from rewriting.insert import InsertConfig
+    from rewriting.layers import editable_layers, model_device
+    from rewriting.merge import Rule, merge_rules
+    from rewriting.requests import check_layer
+    from rewriting.statistics import SecondMoment
+    from workers.artifacts import cache_dir, fetch, put_bytes, put_file
+    from workers.cache import WorkerCache
+    from workers.statistics import load_checkpoint
+
+    warm = warm if warm is not None else WorkerCache()
+    cache = cache_dir(settings.data_dir)
+    first = plans[0]
+    layer, base_key, base_sha256 = first.job.layer, first.base_key, first.base_sha256
+    model = load_checkpoint(store, settings, base_key, base_sha256, warm)
+    infos = {info.name: info for info in editable_layers(model)}
+    check_layer(layer, list(infos))
+
+    with session_scope(session_factory) as session:
+        ids = [plan.job.id for plan in plans]
+        deltas = {a.job_id: a for a in session.scalars(select(Artifact).where(
+            Artifact.job_id.in_(ids), Artifact.name == "delta"))}
+        stats = {plan.job.id: session.get(Statistic, (plan.job.metrics or {}).get("statistic", {}).get("id"))
+                 for plan in plans}
+    rules = []
+    for plan in plans:
+        job = plan.job
+        stat, artifact = stats[job.id], deltas.get(job.id)
+        if stat is None or stat.status != "ready" or artifact is None:
+            raise IncompatibleError(f"job {job.id} has no delta or no ready statistic to merge from")
+        moment = warm.statistic(stat.id, stat.sha256, lambda: SecondMoment.load(
+            fetch(store, stat.object_key, cache, stat.sha256), device=model_device(model)))
+        alone = EditDelta.load(fetch(store, artifact.object_key, cache, artifact.sha256))
+        targets = edit_targets(model, infos[layer], plan.request, moment, plan.request.params)
+        rules.append(Rule(targets, alone.directions, alone=alone, name=job.custom_id or job.id))
+
+    params = first.request.params
+    config = InsertConfig(method="closed_form" if params.method == "closed_form" else "lambda",
+                          steps=max(plan.request.params.steps for plan in plans), lr=params.lr,
+                          lr_scale=params.lr_scale, loss=params.loss, plateau_patience=params.plateau_patience,
+                          plateau_tolerance=params.plateau_tolerance)
+    result = merge_rules(model, layer, rules, config, base_sha256=base_sha256)
+
+    report = result.report()
+    report.update(batch=first.job.batch_id, model=first.model.id, model_sha256=base_sha256, config=config.as_dict())
+    for entry, plan in zip(report["per_rule"], plans):
+        entry.update(job=plan.job.id, custom_id=plan.job.custom_id)
+    body = json.dumps(report, sort_keys=True, indent=2).encode()
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        checkpoint = Path(tmp) / "model.safetensors"
+        materialize(fetch(store, base_key, cache, base_sha256), [result.delta], checkpoint)
+        delta = put_bytes(store, result.delta.to_bytes(), tenant_id, "delta", "delta.safetensors",
+                          "application/octet-stream")
+        stored = put_file(store, checkpoint, tenant_id, "checkpoint", "model.safetensors", "application/octet-stream")
+        report_object = put_bytes(store, body, tenant_id, "merge_report", "merge_report.json", "application/json")
+    log.info("merged %d rules at %s of %s: rank %d, loss %.4g -> %.4g", len(rules), layer, base_sha256[:12],
+             result.rank, result.initial_loss, result.loss)
+    return dict(status="succeeded", rank=result.rank, report=report,
+                delta_object_key=delta.key, delta_sha256=delta.sha256,
+                checkpoint_object_key=stored.key, checkpoint_sha256=stored.sha256, checkpoint_size=stored.size,
+                report_object_key=report_object.key, report_sha256=report_object.sha256)
+
+
+@shared_task(bind=True, name="workers.merge.merge_batch")
+def merge_batch(self, batch_id: str) -> None:
+    """Merge a finalizing batch's edits per (model, layer), then complete it (see the module
+    doc). Queue ``gpu``; safe to deliver twice."""
+    process_merge(self.app.session_factory, self.app.store, self.app.settings, batch_id, warm=self.app.cache,
+                  celery=self.app)

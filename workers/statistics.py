@@ -1,0 +1,566 @@
+"""Shared layer statistics: each (model sha256, layer, sample spec) computed once, in shards.
+
+A ``Statistic`` row names one second moment (``rewriting.statistics``) of one layer's
+keys, for one checkpoint's bytes, over one set of seeds. It is shared by every job and
+every tenant. Jobs converge on one row (insert-if-absent on the unique key), and one
+computation: a worker computes only while it holds a lease, taken by a compare-and-set
+on ``fencing_token``; the others wait for ``ready``, and take a lease over if its holder
+dies (the lease expires) or gives up.
+
+Small statistics (at most ``shard_samples`` images, ``PALIMPSEST_SHARD_SAMPLES``) are
+computed in one piece, under the statistic row's own lease:
+
+    pending/failed --claim--> computing --complete--> ready
+                 ^-- release (cancelled: pending; error: failed) --'
+
+Larger ones are split by seed range into ``StatisticShard`` rows (``shard_count`` on the
+statistic; the first worker to need it plans the shards, by a compare-and-set on that
+column). Each shard has its own lease, its own ``compute_shard`` task on the ``gpu``
+queue (sent once when planned, at the top broker priority, so free workers take it before
+queued jobs) and its own partial moment in the store
+(``shared/statistic_shards/<sha256>/second_moment.safetensors``). A worker that needs the
+statistic does not only wait: it computes whichever shard nobody holds, so a batch's
+members and the free workers share the work. A lost shard (its lease expired) or a
+failed one is claimed and recomputed alone, and sent again for the free workers; the
+shards already done are kept. Once every shard is ready, whoever sees it first (the
+worker that finished the last shard, or a waiter) takes the statistic row's lease (a
+compare-and-set, so exactly one merges) and adds the float64 partial moments in seed
+order: the merge equals the one-piece computation up to float64 rounding, because the
+shard size is rounded up to whole batches, so every float32 batch product is the same
+one either way (``rewriting.statistics.SecondMoment``).
+
+Sample specs (``seeds:<start>-<stop>``, half-open; ``sample_spec(samples)`` starts at
+seed 100000) and the row's insert-if-absent live in ``storage.statistics``, shared with
+the API. Statistics files live at
+``shared/statistics/<sha256 of the file>/second_moment.safetensors``.
+
+The engine (torch) is imported inside the functions that compute, so that importing
+this module stays cheap.
+"""
+import logging
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from celery import shared_task
+from kombu.exceptions import OperationalError
+from sqlalchemy import or_, select, update
+from sqlalchemy.orm import Session
+
+from storage.db import session_scope
+from storage.models import Artifact, Model, Statistic, StatisticShard, utcnow
+from storage.statistics import insert_statistic, parse_sample_spec
+
+log = logging.getLogger(__name__)
+
+WAIT_POLL_SECONDS = 0.5
+BATCH_SIZE = 64  # images per forward pass; shards are whole batches
+COMPUTE_SHARD = "workers.statistics.compute_shard"
+SHARD_BROKER_PRIORITY = 0  # Redis serves 0 first: a free worker takes a shard before any queued job
+
+
+class StatisticUnavailable(Exception):
+    """The statistic cannot be computed here (e.g. no checkpoint with its model sha256)."""
+
+    code = "statistic_unavailable"
+
+
+# --- leases: a statistic row, or one of its shards ---------------------------------------
+# Both tables carry the same lease and result columns; a row id's prefix says which table.
+
+def _table(row_id: str):
+    return StatisticShard if row_id.startswith("shd_") else Statistic
+
+
+def claim_statistic(session: Session, row, owner: str, ttl: float, now: datetime | None = None) -> int | None:
+    """Take the lease to compute ``row`` (a Statistic, or a StatisticShard); the new fencing
+    token, or None (ready, or held by a live lease)."""
+    now = now or utcnow()
+    if row.status == "ready" or (row.lease_expires_at is not None and row.lease_expires_at > now):
+        return None
+    table = type(row)
+    token = row.fencing_token + 1
+    values = dict(status="computing", lease_owner=owner, lease_expires_at=now + timedelta(seconds=ttl),
+                  fencing_token=token, error=None, updated_at=now)
+    if table is StatisticShard:
+        values["attempts"] = StatisticShard.attempts + 1
+    result = session.execute(
+        update(table).where(table.id == row.id, table.fencing_token == row.fencing_token, table.status != "ready")
+        .values(**values).execution_options(synchronize_session=False))
+    if result.rowcount != 1:
+        return None
+    if table is StatisticShard:  # someone works on the statistic (again)
+        session.execute(update(Statistic).where(Statistic.id == row.statistic_id,
+                                                Statistic.status.in_(("pending", "failed")))
+                        .values(status="computing", error=None, updated_at=now)
+                        .execution_options(synchronize_session=False))
+    return token
+
+
+def _held(row_id: str, token: int):
+    table = _table(row_id)
+    return table, (table.id == row_id, table.fencing_token == token, table.status == "computing")
+
+
+def renew_statistic(session: Session, row_id: str, token: int, ttl: float) -> bool:
+    """Extend the lease; False when it was lost (taken over after it expired)."""
+    now = utcnow()
+    table, held = _held(row_id, token)
+    result = session.execute(update(table).where(*held)
+                             .values(lease_expires_at=now + timedelta(seconds=ttl), updated_at=now)
+                             .execution_options(synchronize_session=False))
+    return result.rowcount == 1
+
+
+def complete_statistic(session: Session, row_id: str, token: int, stored, count: int) -> bool:
+    """Mark the statistic (or shard) ready at ``stored`` (a StoredObject); False when the lease was lost."""
+    table, held = _held(row_id, token)
+    result = session.execute(update(table).where(*held).values(
+        status="ready", object_key=stored.key, sha256=stored.sha256, size=stored.size, count=count,
+        lease_owner=None, lease_expires_at=None, error=None, updated_at=utcnow())
+        .execution_options(synchronize_session=False))
+    return result.rowcount == 1
+
+
+def release_statistic(session: Session, row_id: str, token: int, error: str | None = None) -> None:
+    """Give the lease up: back to ``pending`` (cancelled), or ``failed`` with ``error``; the next
+    worker that needs it tries again. A shard's statistic follows when no other worker
+    holds one of its shards: ``failed`` (with the shard's reason) or ``pending``."""
+    table, held = _held(row_id, token)
+    now = utcnow()
+    result = session.execute(update(table).where(*held).values(
+        status="failed" if error else "pending", error=error, lease_owner=None, lease_expires_at=None,
+        updated_at=now).execution_options(synchronize_session=False))
+    if table is StatisticShard and result.rowcount == 1:
+        statistic_id = session.scalar(select(StatisticShard.statistic_id).where(StatisticShard.id == row_id))
+        held_elsewhere = session.scalar(select(StatisticShard.id).where(
+            StatisticShard.statistic_id == statistic_id, StatisticShard.status == "computing",
+            StatisticShard.lease_expires_at > now).limit(1))
+        if held_elsewhere is None:
+            session.execute(update(Statistic).where(Statistic.id == statistic_id, Statistic.status == "computing",
+                                                    Statistic.lease_owner.is_(None))
+                            .values(status="failed" if error else "pending",
+                                    error=f"shard {row_id}: {error}" if error else None, updated_at=now)
+                            .execution_options(synchronize_session=False))
+
+
+# --- shards ---------------------------------------------------------------------------------
+
+def shard_ranges(seeds: range, shard_samples: int, batch_size: int = BATCH_SIZE) -> list[range]:
+    """The seed ranges of the shards: ``shard_samples`` rounded up to whole batches, so that
+    each shard's batches are exactly the batches of the one-piece computation."""
+    size = -(-shard_samples // batch_size) * batch_size
+    return [range(start, min(start + size, seeds.stop)) for start in range(seeds.start, seeds.stop, size)]
+
+
+def plan_shards(session: Session, stat: Statistic, shard_samples: int,
+                batch_size: int = BATCH_SIZE, now: datetime | None = None) -> list[StatisticShard]:
+    """Split ``stat`` into shards if it is large and nobody decided yet; the shards created
+    (to send), or [] (small, decided already, ready, or computed whole under a live lease).
+
+    The split is a compare-and-set on ``shard_count`` in the transaction that inserts the
+    shard rows, so concurrent planners agree on one set of shards."""
+    now = now or utcnow()
+    if stat.shard_count is not None or stat.status == "ready":
+        return []
+    ranges = shard_ranges(parse_sample_spec(stat.sample_spec), shard_samples, batch_size)
+    if len(ranges) < 2:
+        return []
+    won = session.execute(
+        update(Statistic).where(Statistic.id == stat.id, Statistic.shard_count.is_(None), Statistic.status != "ready",
+                                or_(Statistic.lease_expires_at.is_(None), Statistic.lease_expires_at <= now))
+        .values(shard_count=len(ranges), status="computing", lease_owner=None, lease_expires_at=None,
+                error=None, updated_at=now)
+        .execution_options(synchronize_session=False)).rowcount == 1
+    if not won:
+        return []
+    shards = [StatisticShard(statistic_id=stat.id, number=i, seed_start=r.start, seed_stop=r.stop, status="pending",
+                             fencing_token=0, attempts=0, created_at=now, updated_at=now)
+              for i, r in enumerate(ranges)]
+    session.add_all(shards)
+    session.flush()
+    return shards
+
+
+def shards_of(session: Session, statistic_id: str) -> list[StatisticShard]:
+    return list(session.scalars(select(StatisticShard).where(StatisticShard.statistic_id == statistic_id)
+                                .order_by(StatisticShard.number).execution_options(populate_existing=True)))
+
+
+def _open(shard: StatisticShard, now: datetime) -> bool:
+    """Nobody computes it and it is not done: never claimed, released, failed, or its holder died."""
+    return shard.status != "ready" and (shard.lease_expires_at is None or shard.lease_expires_at <= now)
+
+
+@dataclass
+class Step:
+    """What a worker that needs a statistic does next (``next_step``)."""
+
+    action: str  # ready | whole | shard | merge | wait
+    token: int | None = None  # the lease taken (whole, shard, merge)
+    shard: StatisticShard | None = None
+    resend: list = field(default_factory=list)  # (shard id, fencing token): lost or failed shards to send again
+    done: int = 0  # images in ready shards
+    total: int = 0
+
+
+def next_step(session: Session, stat: Statistic, owner: str, ttl: float, now: datetime | None = None) -> Step:
+    """Claim the next piece of work on ``stat``: the whole statistic (unsharded), an open
+    shard, or the merge once every shard is ready; or nothing (``wait``)."""
+    now = now or utcnow()
+    total = len(parse_sample_spec(stat.sample_spec))
+    if stat.status == "ready":
+        return Step("ready", done=total, total=total)
+    if stat.shard_count is None:
+        token = claim_statistic(session, stat, owner, ttl, now)
+        return Step("whole" if token else "wait", token, total=total)
+    shards = shards_of(session, stat.id)
+    done = sum(s.seed_stop - s.seed_start for s in shards if s.status == "ready")
+    if done == total:
+        token = claim_merge(session, stat, owner, ttl, now, shards)
+        return Step("merge" if token else "wait", token, done=done, total=total)
+    step = Step("wait", done=done, total=total)
+    for shard in (s for s in shards if _open(s, now)):
+        if step.action == "wait" and (token := claim_statistic(session, shard, owner, ttl, now)) is not None:
+            step.action, step.token, step.shard = "shard", token, shard
+        elif shard.fencing_token > 0:  # it ran before and was lost or failed: offer it to the free workers
+            step.resend.append((shard.id, shard.fencing_token))
+    return step
+
+
+def claim_merge(session: Session, stat: Statistic, owner: str, ttl: float, now: datetime | None = None,
+                shards: list | None = None) -> int | None:
+    """The statistic's lease to merge its shards, if they are all ready and nobody holds it."""
+    shards = shards_of(session, stat.id) if shards is None else shards
+    if stat.shard_count is None or len(shards) != stat.shard_count or any(s.status != "ready" for s in shards):
+        return None
+    return claim_statistic(session, stat, owner, ttl, now)
+
+
+def shard_sender(app):
+    """``send(shard_id)`` through a Celery app: ``compute_shard`` at the top broker priority."""
+    return lambda shard_id: app.send_task(COMPUTE_SHARD, args=[shard_id], priority=SHARD_BROKER_PRIORITY)
+
+
+def _send(send_shard, shard_ids) -> None:
+    """Send shard tasks; a broker hiccup is logged, not raised: the waiters compute open shards anyway."""
+    if send_shard is None:
+        return
+    for shard_id in shard_ids:
+        try:
+            send_shard(shard_id)
+        except (OperationalError, OSError):
+            log.warning("could not send %s(%s); the workers that wait on it will compute it",
+                        COMPUTE_SHARD, shard_id, exc_info=True)
+
+
+# --- computing ---------------------------------------------------------------------------
+
+def _compute_piece(session_factory, store, cache: Path, model, row_id: str, token: int, layer: str,
+                   seeds: range, model_sha256: str, heartbeat, progress, batch_size: int, kind: str):
+    """Compute the second moment over ``seeds`` under the lease (``row_id``, ``token``), upload
+    it and mark the row ready. Returns the moment, or None when the lease was lost (someone
+    else finishes it). A cancel releases the row (pending), an error fails it; both raise."""
+    from rewriting.errors import Cancelled
+    from rewriting.statistics import compute_second_moment
+    from workers.artifacts import put_file
+
+    spec = f"seeds:{seeds.start}-{seeds.stop}"
+    heartbeat.hold_statistic(row_id, token)
+    try:
+        moment = compute_second_moment(
+            model, layer, f"{seeds.start}-{seeds.stop - 1}", batch_size=batch_size, progress=progress,
+            should_stop=lambda: heartbeat.should_stop() or heartbeat.statistic_lost, model_sha256=model_sha256)
+        with tempfile.TemporaryDirectory(dir=cache) as tmp:
+            path = Path(tmp) / "second_moment.safetensors"
+            moment.save(path, metadata={"sample_spec": spec})
+            stored = put_file(store, path, None, kind, "second_moment.safetensors", "application/octet-stream")
+    except Cancelled:
+        if heartbeat.statistic_lost and not heartbeat.should_stop():
+            return None  # our lease expired and another worker took over
+        with session_scope(session_factory) as session:
+            release_statistic(session, row_id, token)
+        raise
+    except BaseException as e:
+        with session_scope(session_factory) as session:
+            release_statistic(session, row_id, token, error=f"{type(e).__name__}: {e}")
+        raise
+    finally:
+        heartbeat.drop_statistic()
+    with session_scope(session_factory) as session:
+        done = complete_statistic(session, row_id, token, stored, moment.count)
+    log.info("computed %s over %s%s", row_id, spec, "" if done else " (lease lost: discarded)")
+    return moment if done else None
+
+
+def merge_shards(session_factory, store, cache: Path, statistic_id: str, token: int, heartbeat):
+    """Add the ready shards' partial moments (float64, in seed order) into the statistic and
+    mark it ready, under the statistic's lease; the merged ``SecondMoment`` (on the CPU),
+    or None when the lease was lost."""
+    from rewriting.statistics import SecondMoment
+    from workers.artifacts import fetch, put_file
+
+    with session_scope(session_factory) as session:
+        stat = session.get(Statistic, statistic_id, populate_existing=True)
+        shards = shards_of(session, statistic_id)
+    heartbeat.hold_statistic(statistic_id, token)
+    try:
+        total = None
+        for shard in shards:
+            part = SecondMoment.load(fetch(store, shard.object_key, cache, shard.sha256))
+            total = part if total is None else total.merge(part)
+        if total.metadata.get("seeds") != f"{shards[0].seed_start}-{shards[-1].seed_stop - 1}":
+            raise RuntimeError(f"the shards of {statistic_id} cover {total.metadata.get('seeds')}, "
+                               f"not {stat.sample_spec}")
+        with tempfile.TemporaryDirectory(dir=cache) as tmp:
+            path = Path(tmp) / "second_moment.safetensors"
+            total.save(path, metadata={"sample_spec": stat.sample_spec, "shards": str(len(shards))})
+            stored = put_file(store, path, None, "statistics", "second_moment.safetensors",
+                              "application/octet-stream")
+    except BaseException as e:
+        with session_scope(session_factory) as session:
+            release_statistic(session, statistic_id, token, error=f"merge: {type(e).__name__}: {e}")
+        raise
+    finally:
+        heartbeat.drop_statistic()
+    with session_scope(session_factory) as session:
+        done = complete_statistic(session, statistic_id, token, stored, total.count)
+    log.info("merged %d shards into statistic %s", len(shards), statistic_id)
+    return (total, stored) if done else None
+
+
+def ensure_statistic(session_factory, store, cache: Path, model, model_sha256: str, layer: str, spec: str,
+                     owner: str, ttl: float, heartbeat, progress=None, batch_size: int = BATCH_SIZE,
+                     statistic_id: str | None = None, shard_samples: int | None = None, warm=None,
+                     send_shard=None):
+    """The ready statistic of (``model_sha256``, ``layer``, ``spec``), as ``(SecondMoment, Statistic)``.
+
+    Loads it if ready (through ``warm``, a ``workers.cache.WorkerCache``, if given). Else
+    works on it with ``model`` (already on its device) until it is ready: computes it whole
+    if it is small, or, over more than ``shard_samples`` images (None: never sharded),
+    plans the shards (sending their tasks with ``send_shard(shard_id)``), computes open
+    shards, and merges them when all are ready; waits while others hold what is left.
+    ``heartbeat`` (workers.heartbeat.Heartbeat) keeps the caller's own lease alive meanwhile
+    and renews the lease this worker holds; its ``should_stop()`` (a cancel, a lost job
+    lease) raises ``Cancelled``, polled while waiting and between batches.
+    ``progress(done, total)`` follows the computation (images).
+    """
+    from rewriting.errors import Cancelled
+    from rewriting.statistics import SecondMoment
+    from workers.artifacts import fetch
+    from workers.cache import WorkerCache
+
+    warm = warm if warm is not None else WorkerCache()
+    device = _device_of(model)
+    seeds = parse_sample_spec(spec)
+    sent = set()  # (shard id, fencing token) sent by this caller
+    while True:
+        with session_scope(session_factory) as session:
+            if statistic_id is None:
+                stat = insert_statistic(session, model_sha256, layer, spec)
+                statistic_id = stat.id
+            else:
+                stat = session.get(Statistic, statistic_id, populate_existing=True)
+            planned = plan_shards(session, stat, shard_samples) if shard_samples else []
+            if planned:
+                session.refresh(stat)
+            step = next_step(session, stat, owner, ttl)
+        _send(send_shard, [s.id for s in planned])
+        sent.update((s.id, 0) for s in planned)
+        _send(send_shard, [shard_id for shard_id, token in step.resend if (shard_id, token) not in sent])
+        sent.update(step.resend)
+
+        if step.action == "ready":
+            moment = warm.statistic(stat.id, stat.sha256, lambda: SecondMoment.load(
+                fetch(store, stat.object_key, cache, stat.sha256), device=device))
+            return moment, stat
+        if step.action == "wait":
+            if heartbeat.should_stop():
+                raise Cancelled("cancelled while waiting for a statistic")
+            if progress is not None and step.done:
+                progress(step.done, step.total)
+            time.sleep(WAIT_POLL_SECONDS)
+            continue
+        if step.action == "whole":
+            moment = _compute_piece(session_factory, store, cache, model, statistic_id, step.token, layer, seeds,
+                                    model_sha256, heartbeat, progress, batch_size, "statistics")
+            if moment is None:
+                continue  # lost the lease: whoever holds it now finishes; wait for it
+            with session_scope(session_factory) as session:
+                stat = session.get(Statistic, statistic_id, populate_existing=True)
+            warm.keep_statistic(stat.id, stat.sha256, moment)
+            return moment, stat
+        if step.action == "shard":
+            shard = step.shard
+            report = None if progress is None else (
+                lambda done, total, before=step.done: progress(before + done, step.total))
+            _compute_piece(session_factory, store, cache, model, shard.id, step.token, layer,
+                           range(shard.seed_start, shard.seed_stop), model_sha256, heartbeat, report, batch_size,
+                           "statistic_shards")
+            continue  # then the next shard, or the merge
+        merged = merge_shards(session_factory, store, cache, statistic_id, step.token, heartbeat)
+        if merged is None:
+            continue
+        with session_scope(session_factory) as session:
+            stat = session.get(Statistic, statistic_id, populate_existing=True)
+        moment = merged[0].to(device)
+        warm.keep_statistic(stat.id, stat.sha256, moment)
+        return moment, stat
+
+
+def _device_of(model):
+    from rewriting.layers import model_device
+
+    return model_device(model)
+
+
+def checkpoint_for(session: Session, model_sha256: str) -> tuple[str, str | None]:
+    """(object key, architecture) of a checkpoint with these bytes: a registered model or a
+    job's ``checkpoint`` artifact (a chained edit's base)."""
+    model = session.scalars(select(Model).where(Model.sha256 == model_sha256, Model.status == "ready")
+                            .order_by(Model.created_at).limit(1)).first()
+    if model is not None:
+        return model.object_key, model.architecture
+    artifact = session.scalars(select(Artifact).where(Artifact.name == "checkpoint",
+                                                      Artifact.sha256 == model_sha256).limit(1)).first()
+    if artifact is not None:
+        return artifact.object_key, None
+    raise StatisticUnavailable(f"no ready model or checkpoint artifact has sha256 {model_sha256[:12]}")
+
+
+def load_checkpoint(store, settings, key: str, sha256: str, warm=None):
+    """The model in the checkpoint at ``key`` (bytes ``sha256``) on the worker's device, from
+    ``warm`` (a WorkerCache) when this process loaded it before."""
+    from rewriting.checkpoint import load_model
+    from workers.artifacts import cache_dir, fetch
+    from workers.cache import WorkerCache
+    from workers.device import resolve_device
+
+    warm = warm if warm is not None else WorkerCache()
+    return warm.model(sha256, lambda: load_model(fetch(store, key, cache_dir(settings.data_dir), sha256),
+                                                 device=resolve_device(settings.device)))
+
+
+def _checkpoint_or_fail(session: Session, stat: Statistic) -> str:
+    """The checkpoint key for ``stat``'s model, or record (on the row) and raise StatisticUnavailable."""
+    try:
+        key, _ = checkpoint_for(session, stat.model_sha256)
+        return key
+    except StatisticUnavailable as e:
+        session.execute(update(Statistic).where(Statistic.id == stat.id, Statistic.status != "ready",
+                                                or_(Statistic.lease_expires_at.is_(None),
+                                                    Statistic.lease_expires_at <= utcnow()))
+                        .values(status="failed", error=str(e), updated_at=utcnow()))
+        raise
+
+
+def process_statistic(session_factory, store, settings, statistic_id: str, owner: str | None = None,
+                      warm=None, send_shard=None) -> str | None:
+    """The body of ``compute_statistic``: make the statistic ready (or find it ready).
+
+    Returns its final status, or None when the row does not exist. A failure is recorded
+    on the row (``failed``, ``error``) and raised."""
+    from workers.artifacts import cache_dir
+    from workers.heartbeat import Heartbeat, worker_name
+
+    owner = owner or worker_name()
+    unavailable = None
+    with session_scope(session_factory) as session:
+        stat = session.get(Statistic, statistic_id)
+        if stat is None:
+            return None
+        if stat.status == "ready":
+            return "ready"
+        try:
+            key = _checkpoint_or_fail(session, stat)
+        except StatisticUnavailable as e:  # recorded (committed) on the row, then raised
+            unavailable = e
+    if unavailable is not None:
+        raise unavailable
+    model = load_checkpoint(store, settings, key, stat.model_sha256, warm)
+    with Heartbeat(session_factory, settings.job_lease_seconds) as heartbeat:
+        _, stat = ensure_statistic(session_factory, store, cache_dir(settings.data_dir), model, stat.model_sha256,
+                                   stat.layer, stat.sample_spec, owner, settings.job_lease_seconds, heartbeat,
+                                   statistic_id=statistic_id, shard_samples=settings.shard_samples, warm=warm,
+                                   send_shard=send_shard)
+    return stat.status
+
+
+def process_shard(session_factory, store, settings, shard_id: str, owner: str | None = None,
+                  warm=None) -> str | None:
+    """The body of ``compute_shard``: compute one shard of the statistic, then merge it if
+    every shard is ready. The shard named, or, when another worker holds it or it is done,
+    the next open shard of the same statistic: a message is one shard's worth of work, so
+    a free worker helps even when the worker that planned the shards took its shard first.
+
+    Returns what it did (``computed``, ``merged``), or None when there was nothing to do (no
+    such shard, the statistic ready, every open shard held, or the lease was lost on the
+    way). A failure is recorded on the shard and raised."""
+    from workers.artifacts import cache_dir
+    from workers.heartbeat import Heartbeat, worker_name
+
+    owner = owner or worker_name()
+    ttl = settings.job_lease_seconds
+    cache = cache_dir(settings.data_dir)
+    with Heartbeat(session_factory, ttl) as heartbeat:
+        unavailable = key = None
+        with session_scope(session_factory) as session:
+            shard = session.get(StatisticShard, shard_id, populate_existing=True)
+            stat = shard and session.get(Statistic, shard.statistic_id, populate_existing=True)
+            if shard is None or stat.status == "ready":
+                return None
+            token = claim_statistic(session, shard, owner, ttl)
+            step = Step("shard", token, shard) if token is not None else next_step(session, stat, owner, ttl)
+            if step.action == "shard":
+                try:
+                    key, _ = checkpoint_for(session, stat.model_sha256)
+                except StatisticUnavailable as e:
+                    unavailable = e
+        if step.action == "merge":
+            merged = merge_shards(session_factory, store, cache, stat.id, step.token, heartbeat)
+            return "merged" if merged is not None else None
+        if step.action != "shard":  # ready, or every open shard is held (a whole statistic is not ours)
+            return None
+        shard = step.shard
+        if unavailable is not None:
+            with session_scope(session_factory) as session:
+                release_statistic(session, shard.id, step.token, error=str(unavailable))
+            raise unavailable
+        try:
+            model = load_checkpoint(store, settings, key, stat.model_sha256, warm)
+        except BaseException as e:
+            with session_scope(session_factory) as session:
+                release_statistic(session, shard.id, step.token, error=f"{type(e).__name__}: {e}")
+            raise
+        moment = _compute_piece(session_factory, store, cache, model, shard.id, step.token, stat.layer,
+                                range(shard.seed_start, shard.seed_stop), stat.model_sha256, heartbeat, None,
+                                BATCH_SIZE, "statistic_shards")
+        if moment is None:
+            return None
+        with session_scope(session_factory) as session:
+            stat = session.get(Statistic, stat.id, populate_existing=True)
+            token = claim_merge(session, stat, owner, ttl)
+        if token is None:  # shards left, or another worker merges
+            return "computed"
+        merged = merge_shards(session_factory, store, cache, stat.id, token, heartbeat)
+        if merged is not None and warm is not None:
+            warm.keep_statistic(stat.id, merged[1].sha256, merged[0].to(_device_of(model)))
+        return "merged" if merged is not None else "computed"
+
+
+@shared_task(bind=True, name="workers.statistics.compute_statistic")
+def compute_statistic(self, statistic_id: str) -> None:
+    """Precompute a statistic (``POST /v1/statistics``). Queue ``gpu``. Safe to run twice:
+    a ready statistic is left alone, one being computed elsewhere is waited for (and its
+    open shards computed)."""
+    process_statistic(self.app.session_factory, self.app.store, self.app.settings, statistic_id,
+                      warm=self.app.cache, send_shard=shard_sender(self.app))
+
+
+@shared_task(bind=True, name=COMPUTE_SHARD)
+def compute_shard(self, shard_id: str) -> None:
+    """Compute one shard of a statistic (and merge, if it was the last). Queue ``gpu``. Safe
+    to run twice: a ready shard, or one held by a live lease, is left alone."""
+    process_shard(self.app.session_factory, self.app.store, self.app.settings, shard_id, warm=self.app.cache)
