@@ -1,0 +1,201 @@
+"""Engine benchmarks: statistics throughput and insert methods (prints figures).
+
+    python bench/engine.py [--layer layer5] [--samples 512] [--batch 64] [--device auto]
+
+1. Statistics: samples/s of ``compute_second_moment`` next to, in the same run, the
+   bare forward pass to the layer's keys (same latents, same stop) and the full
+   forward pass. The overhead over the bare pass is the price of the float64 moment.
+2. Insert: wall time of the projected method (5a, the paper's defaults) and the
+   lambda method (5b) on one paste edit, the time 5b needs to reach 5a's final
+   loss, and the peak of tensor memory each allocates beyond what exists before it
+   (CUDA: max_memory_allocated; CPU: the torch profiler's allocation events, on a
+   30-step run, since the peak is reached in the first steps).
+
+Uses demo/weights/generator.safetensors when present, else the demo Generator
+architecture with random (untrained) weights.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from rewriting.checkpoint import load_model  # noqa: E402
+from rewriting.directions import context_directions  # noqa: E402
+from rewriting.insert import InsertConfig, insert  # noqa: E402
+from rewriting.layers import StopForward, Trace, model_device, sample_inputs  # noqa: E402
+from rewriting.seeds import latents  # noqa: E402
+from rewriting.statistics import compute_second_moment  # noqa: E402
+
+WEIGHTS = ROOT / "demo" / "weights" / "generator.safetensors"
+
+
+def get_model(device):
+    if WEIGHTS.exists():
+        return load_model(WEIGHTS, device=device), "demo/weights/generator.safetensors"
+    from demo.generator import Generator
+    torch.manual_seed(0)
+    return Generator().to(device).eval().requires_grad_(False), "demo Generator, random weights (no trained file yet)"
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fns, device, repeat=3):
+    """Best wall time of each function over ``repeat`` interleaved rounds, after one warm-up.
+
+    Interleaving keeps the comparison fair on a machine whose load changes.
+    """
+    for fn in fns:
+        fn()
+    best = [float("inf")] * len(fns)
+    for _ in range(repeat):
+        for i, fn in enumerate(fns):
+            sync(device)
+            t = time.perf_counter()
+            fn()
+            sync(device)
+            best[i] = min(best[i], time.perf_counter() - t)
+    return best
+
+
+def bench_statistics(model, layer, n, batch):
+    device = model_device(model)
+    seeds = list(range(n))
+    z_all = latents(seeds, model.z_dim).to(device)
+
+    def bare():
+        with Trace(model, layer, stop="keys") as tr, torch.no_grad():
+            for i in range(0, n, batch):
+                try:
+                    model(z_all[i:i + batch])
+                except StopForward:
+                    pass
+        return tr
+
+    def full():
+        with torch.no_grad():
+            for i in range(0, n, batch):
+                model(z_all[i:i + batch])
+
+    def latents_only():
+        for i in range(0, n, batch):
+            latents(seeds[i:i + batch], model.z_dim).to(device)
+
+    def stats():
+        return compute_second_moment(model, layer, seeds, batch_size=batch)
+
+    t_bare, t_full, t_lat, t_stat = timed([bare, full, latents_only, stats], device)
+    keys = bare().keys
+    print(f"\n== statistics: layer {layer}, keys {tuple(keys.shape[1:])}, {n} samples, batch {batch}")
+    for name, t in [("full forward pass", t_full), ("bare forward to the keys (floor)", t_bare),
+                    ("latents from seeds", t_lat), ("compute_second_moment", t_stat)]:
+        print(f"  {name:34s} {n / t:9.1f} samples/s  ({t * 1000:8.1f} ms)")
+    print(f"  overhead over the floor: {100 * (t_stat / t_bare - 1):.1f}%  (goal: <= 10%)")
+    return {"floor": n / t_bare, "stats": n / t_stat, "full": n / t_full, "overhead": t_stat / t_bare - 1}
+
+
+def edit_problem(model, layer, stat):
+    """A paste edit: copy the layer's output in a box of seed 0 into seed 1 (cropped, as the paper)."""
+    with Trace(model, layer) as tr, torch.no_grad():
+        model(sample_inputs(model, [0, 1]))
+    h, w = tr.output.shape[2:]
+    b = max(2, h // 4)  # box side
+    src, dst = (h // 4, w // 4), (h // 2, w // 2)
+    target = tr.output[1:2].clone()
+    target[:, :, dst[0]:dst[0] + b, dst[1]:dst[1] + b] = tr.output[0:1, :, src[0]:src[0] + b, src[1]:src[1] + b]
+    m = 1  # one cell of margin around the paste, inputs and outputs cropped alike
+    y0, y1, x0, x1 = dst[0] - m, dst[0] + b + m, dst[1] - m, dst[1] + b + m
+    inputs = (tr.inputs[0][1:2, :, y0:y1, x0:x1],)
+    target = target[:, :, y0:y1, x0:x1]
+    mask = torch.zeros(1, h, w)
+    mask[:, dst[0]:dst[0] + b, dst[1]:dst[1] + b] = 1
+    directions = context_directions(tr.keys[1:2], mask, stat, rank=1)
+    return inputs, target, directions
+
+
+def peak_cpu_bytes(fn):
+    """Peak of live CPU tensor bytes allocated inside ``fn`` (torch profiler memory events)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    live = peak = 0
+    for e in sorted(prof.events(), key=lambda e: e.time_range.start):
+        live += e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak
+
+
+def run_insert(model, layer, problem, method):
+    """One full run (2001 steps, no early stop) for the loss curve, and its peak memory."""
+    inputs, target, directions = problem
+    device = model_device(model)
+    cfg = InsertConfig(method=method, plateau_patience=0)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    r = insert(model, layer, inputs, target, directions, cfg)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) - base
+    else:
+        short = InsertConfig(method=method, steps=30, plateau_patience=0)
+        peak = peak_cpu_bytes(lambda: insert(model, layer, inputs, target, directions, short))
+    return {"method": method, "loss": r.loss, "initial": r.initial_loss, "losses": r.losses,
+            "peak_bytes": peak, "weight_bytes": r.lam.element_size() * model.get_parameter(r.param).numel()}
+
+
+def bench_insert(model, layer, n_stat=256, timing_steps=200):
+    device = model_device(model)
+    stat = compute_second_moment(model, layer, range(n_stat), batch_size=64)
+    problem = edit_problem(model, layer, stat)
+    results = {m: run_insert(model, layer, problem, m) for m in ("projected", "lambda")}
+    runs = [lambda m=m: insert(model, layer, *problem, InsertConfig(method=m, steps=timing_steps,
+                                                                   plateau_patience=0))
+            for m in ("projected", "lambda")]
+    for m, t in zip(("projected", "lambda"), timed(runs, device)):
+        results[m]["step_seconds"] = t / timing_steps
+    a, b = results["projected"], results["lambda"]
+    reach = next((i for i, loss in enumerate(b["losses"]) if loss <= a["loss"]), None)
+    print(f"\n== insert: layer {layer}, paste edit, rank 1, lr 0.05, 2001 steps, no early stop")
+    print(f"  initial loss {a['initial']:.5f}; goal crop {tuple(problem[1].shape)}; "
+          f"time per step: best of 3 interleaved {timing_steps}-step runs")
+    for r in (a, b):
+        n = len(r["losses"])
+        print(f"  {r['method']:10s} final loss {r['loss']:.5f}  {1000 * r['step_seconds']:.2f} ms/step, "
+              f"{n} steps {n * r['step_seconds']:.2f} s  peak tensor memory {r['peak_bytes'] / 2**20:.2f} MiB")
+    if reach is None:
+        print(f"  lambda never reached projected's final loss {a['loss']:.5f} (best {min(b['losses']):.5f})")
+    else:
+        t_reach = (reach + 1) * b["step_seconds"]
+        print(f"  lambda reaches projected's final loss {a['loss']:.5f} after {reach + 1} steps, "
+              f"{t_reach:.2f} s ({len(a['losses']) * a['step_seconds'] / t_reach:.0f}x less time)")
+    print(f"  (stored weight {a['weight_bytes'] / 2**20:.2f} MiB)")
+    return results, reach
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--layer", default="layer5")
+    p.add_argument("--samples", type=int, default=512)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--device", default="auto")
+    args = p.parse_args()
+    name = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    model, source = get_model(device)
+    what = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"model: {source}; device {device} ({what}); torch {torch.__version__}; pid {os.getpid()}")
+    bench_statistics(model, args.layer, args.samples, args.batch)
+    bench_insert(model, args.layer)
+
+
+if __name__ == "__main__":
+    main()

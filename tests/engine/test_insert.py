@@ -1,0 +1,246 @@
+from collections import OrderedDict
+
+import pytest
+import torch
+from torch import nn
+
+from rewriting.delta import expand
+from rewriting.directions import covariance_adjusted_keys
+from rewriting.errors import Cancelled, EditRequestError
+from rewriting.insert import InsertConfig, insert, orthonormal_basis
+from rewriting.layers import layer_forward
+from rewriting.statistics import SecondMoment
+from tests.engine.tiny_models import EqualConv2d, EqualLinear
+
+
+def linear_problem(n_in=8, n_out=5, n_keys=3, seed=0, layer=None):
+    """A linear layer, 'other' keys K (their moment C), new keys K* and wanted values V*."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    fc = layer or nn.Linear(n_in, n_out)
+    model = nn.Sequential(OrderedDict(fc=fc)).double().eval().requires_grad_(False)
+    mix = torch.eye(n_in, dtype=torch.float64) + 0.2 * torch.randn(n_in, n_in, generator=g, dtype=torch.float64)
+    keys = torch.randn(400, n_in, generator=g, dtype=torch.float64) @ mix
+    stat = SecondMoment(n_in).update(keys)
+    kstar = torch.randn(n_keys, n_in, generator=g, dtype=torch.float64)
+    vstar = torch.randn(n_keys, n_out, generator=g, dtype=torch.float64)
+    return model, keys, stat, kstar, vstar
+
+
+def closed_form_weight(model, stat, kstar, vstar):
+    d = covariance_adjusted_keys(stat, kstar)  # the paper's D = C^-1 K*
+    r = insert(model, "fc", (kstar,), vstar, d, InsertConfig(method="closed_form"))
+    # the effective weight: stored weight plus the stored delta, times the layer's gain
+    return (model.fc.weight + expand(r.lam, r.directions, 1)) * _gain(model.fc), r
+
+
+def _gain(m):
+    return getattr(m, "weight_gain", 1.0)
+
+
+@pytest.mark.parametrize("layer", [None, "equalized"])
+def test_closed_form_meets_the_constraint(layer):
+    model, keys, stat, kstar, vstar = linear_problem(layer=EqualLinear(8, 5) if layer else None)
+    w1_eff, r = closed_form_weight(model, stat, kstar, vstar)
+    out = kstar @ w1_eff.T + model.fc.bias
+    assert ((out - vstar).norm() / vstar.norm()) < 1e-5
+    assert r.loss < 1e-6 and r.steps == 0
+    # the stored weight moved by lam x D; the layer applied to K* now gives V*
+    w1_stored = model.fc.weight + expand(r.lam, r.directions, 1)
+    got = layer_forward(model, "fc", (kstar,), weight=w1_stored)
+    assert ((got - vstar).norm() / vstar.norm()) < 1e-5
+
+
+def test_closed_form_minimizes_change_on_other_keys_brute_force():
+    """Among all W with W K* = V*, the closed form minimizes ||W K - W0 K||: check by KKT."""
+    model, keys, stat, kstar, vstar = linear_problem()
+    w1, _ = closed_form_weight(model, stat, kstar, vstar)
+    w0, b = model.fc.weight, model.fc.bias
+    c = keys.T @ keys  # objective sum ||(W - W0) k||^2 = tr(X C X^T), X = W - W0
+    n = c.shape[0]
+    m = kstar.shape[0]
+    kkt = torch.zeros(n + m, n + m, dtype=torch.float64)
+    kkt[:n, :n] = 2 * c
+    kkt[:n, n:] = kstar.T
+    kkt[n:, :n] = kstar
+    rhs = torch.zeros(n + m, w0.shape[0], dtype=torch.float64)
+    rhs[n:] = (vstar - kstar @ w0.T - b).clone()
+    x = torch.linalg.solve(kkt, rhs)[:n].T  # one independent problem per output row
+    brute = w0 + x
+    # equal up to the documented ridge (1e-6 of C's mean eigenvalue)
+    assert ((w1 - brute).abs().max() / (brute - w0).abs().max()) < 1e-5
+    # and any other feasible W does worse
+    null = torch.linalg.svd(kstar).Vh[kstar.shape[0]:]  # directions with K* v = 0
+    cost = lambda w: ((w - w0) @ keys.T).pow(2).sum()  # noqa: E731
+    assert cost(brute) <= cost(w1) <= cost(brute) * (1 + 1e-9)
+    for s in range(3):
+        other = w1 + torch.randn(w0.shape[0], null.shape[0], dtype=torch.float64) @ null * 0.1
+        assert torch.allclose(other @ kstar.T, w1 @ kstar.T)
+        assert cost(other) > cost(w1)
+
+
+def test_delta_has_rank_r_and_rows_in_span_of_d():
+    torch.manual_seed(0)
+    model = nn.Sequential(OrderedDict(conv=nn.Conv2d(6, 4, 3, padding=1))).double().eval().requires_grad_(False)
+    x = torch.randn(2, 6, 5, 5, dtype=torch.float64)
+    target = layer_forward(model, "conv", (x,)) + 0.3
+    d = torch.randn(2, 6, dtype=torch.float64)
+    r = insert(model, "conv", (x,), target, d, InsertConfig(steps=50))
+    delta = expand(r.lam, r.directions, 1)
+    rows = delta.movedim(1, -1).reshape(-1, 6)  # one row per (out, kh, kw): input-channel vectors
+    assert torch.linalg.matrix_rank(rows) <= 2
+    q = orthonormal_basis(d)
+    assert torch.allclose(rows - rows @ q.T @ q, torch.zeros_like(rows), atol=1e-12)
+    assert r.loss < r.initial_loss
+
+
+def test_conv_transpose_delta_acts_on_dim_0():
+    torch.manual_seed(0)
+    model = nn.Sequential(OrderedDict(up=nn.ConvTranspose2d(6, 4, 4, 2, 1))).eval().requires_grad_(False)
+    x = torch.randn(2, 6, 4, 4)
+    target = layer_forward(model, "up", (x,)) * 1.2
+    d = torch.randn(1, 6)
+    r = insert(model, "up", (x,), target, d, InsertConfig(steps=100))
+    assert r.in_dim == 0 and r.lam.shape == (1, 4, 4, 4)
+    rows = expand(r.lam, r.directions, 0).movedim(0, -1).reshape(-1, 6)
+    q = r.directions
+    assert torch.allclose(rows - rows @ q.T @ q, torch.zeros_like(rows), atol=1e-6)
+    assert r.loss < r.initial_loss
+
+
+def test_projected_optimization_converges_to_the_closed_form():
+    model, keys, stat, kstar, vstar = linear_problem()
+    w1, closed = closed_form_weight(model, stat, kstar, vstar)
+    d = covariance_adjusted_keys(stat, kstar)
+    r = insert(model, "fc", (kstar,), vstar, d,
+               InsertConfig(method="projected", steps=3000, lr=0.01, loss="mse", plateau_patience=0))
+    w_opt = model.fc.weight + expand(r.lam, r.directions, 1)
+    assert ((w_opt - w1).norm() / (w1 - model.fc.weight).norm()) < 1e-3
+    lam_fit = insert(model, "fc", (kstar,), vstar, d,
+                     InsertConfig(method="lambda", steps=3000, lr=0.01, loss="mse", plateau_patience=0))
+    w_lam = model.fc.weight + expand(lam_fit.lam, lam_fit.directions, 1)
+    assert ((w_lam - w1).norm() / (w1 - model.fc.weight).norm()) < 1e-3
+
+
+def test_key_orthogonal_in_c_inverse_metric_keeps_its_value():
+    model, keys, stat, kstar, vstar = linear_problem()
+    w1, r = closed_form_weight(model, stat, kstar, vstar)
+    d = covariance_adjusted_keys(stat, kstar)
+    k = torch.randn(8, dtype=torch.float64)
+    k = k - d.T @ torch.linalg.lstsq(d.T, k).solution  # now d_j . k = 0 for every j
+    c = stat.matrix + 1e-6 * torch.trace(stat.matrix) / 8 * torch.eye(8, dtype=torch.float64)
+    assert (kstar @ torch.linalg.solve(c, k)).abs().max() < 1e-10  # k^T C^-1 k*_j = 0
+    assert torch.allclose(w1 @ k, model.fc.weight @ k, atol=1e-10)
+
+
+def conv_problem(kind, seed=0):
+    """A 64-channel conv whose target is reachable by a rank-1 change; unit-scale or default init."""
+    torch.manual_seed(seed)
+    conv = EqualConv2d(64, 64, 3, padding=1) if kind == "equalized" else nn.Conv2d(64, 64, 3, padding=1)
+    model = nn.Sequential(OrderedDict(conv=conv, act=nn.LeakyReLU(0.2))).eval().requires_grad_(False)
+    x = torch.relu(torch.randn(4, 64, 8, 8))
+    stat = SecondMoment(64).update(torch.relu(torch.randn(4000, 64)))
+    d = covariance_adjusted_keys(stat, x[:, :, 2:5, 2:5].mean((0, 2, 3)))[None]
+    d = d / d.norm()
+    lam_true = torch.randn(64, 1, 3, 3) * conv.weight.std() * 4
+    with torch.no_grad():
+        target = layer_forward(model, "conv", (x,), weight=conv.weight + expand(lam_true, d, 1))
+    return model, x, target, d
+
+
+@pytest.mark.parametrize("kind", ["equalized", "default_init"])
+@pytest.mark.parametrize("method", ["projected", "lambda"])
+def test_defaults_converge_on_both_kinds_of_layer(kind, method):
+    model, x, target, d = conv_problem(kind)
+    r = insert(model, "conv", (x,), target, d, InsertConfig(method=method))
+    assert r.loss < 0.02 * r.initial_loss
+    assert r.losses[0] == pytest.approx(r.initial_loss)
+
+
+def test_unscaled_original_lr_is_worse_on_default_init():
+    """The raw lr 0.05 on a default-initialised conv (weights ~0.02) ends far above the scaled run."""
+    model, x, target, d = conv_problem("default_init")
+    raw = insert(model, "conv", (x,), target, d, InsertConfig(method="projected", lr_scale="none"))
+    scaled = insert(model, "conv", (x,), target, d, InsertConfig(method="projected"))
+    assert raw.loss > 5 * scaled.loss
+    assert max(raw.losses[:20]) > raw.initial_loss * 0.9  # the first steps overshoot
+
+
+@pytest.mark.parametrize("method", ["projected", "lambda"])
+def test_result_is_never_worse_than_the_unedited_weight(method):
+    """An absurd step makes the loss rise; the best weight seen (W0 at worst) is returned."""
+    model, x, target, d = conv_problem("default_init")
+    r = insert(model, "conv", (x,), target, d, InsertConfig(method=method, lr=50, steps=40,
+                                                            lr_scale="none", plateau_patience=0))
+    assert max(r.losses) > 10 * r.initial_loss  # it diverged
+    assert r.loss <= r.initial_loss
+
+
+def test_model_is_untouched_progress_is_reported_and_plateau_stops():
+    model, x, target, d = conv_problem("equalized")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    seen = []
+    r = insert(model, "conv", (x,), target, d, InsertConfig(steps=2001, plateau_patience=50),
+               progress=lambda step, loss: seen.append((step, loss)))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert model.conv.weight.grad is None
+    assert [s for s, _ in seen] == list(range(r.steps)) and r.stopped_early and r.steps < 2001
+    assert [loss for _, loss in seen] == r.losses
+
+
+def test_cancel_between_steps():
+    model, x, target, d = conv_problem("equalized")
+    calls = []
+
+    def should_stop():
+        calls.append(1)
+        return len(calls) > 5
+
+    with pytest.raises(Cancelled):
+        insert(model, "conv", (x,), target, d, InsertConfig(), should_stop=should_stop)
+    assert len(calls) == 6
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"lr": float("nan")}, "lr"),
+    ({"lr": float("inf")}, "lr"),
+    ({"lr": 0}, "lr"),
+    ({"lr": -0.1}, "lr"),
+    ({"lr": 1e6}, "lr"),
+    ({"steps": 0}, "steps"),
+    ({"steps": 10**9}, "steps"),
+    ({"steps": 2.5}, "steps"),
+    ({"projection_interval": 0}, "projection_interval"),
+    ({"method": "sgd"}, "method"),
+    ({"loss": "l3"}, "loss"),
+    ({"lr_scale": "auto"}, "lr_scale"),
+    ({"plateau_patience": -1}, "plateau_patience"),
+    ({"plateau_tolerance": float("nan")}, "plateau_tolerance"),
+])
+def test_config_validation_names_the_field(kwargs, field):
+    with pytest.raises(EditRequestError) as e:
+        InsertConfig(**kwargs).validate()
+    assert e.value.field == field
+
+
+def test_bad_directions_and_closed_form_on_nonlinear_layer():
+    model, x, target, d = conv_problem("equalized")
+    with pytest.raises(EditRequestError) as e:
+        insert(model, "conv", (x,), target, torch.randn(1, 7))
+    assert e.value.field == "rank"
+    with pytest.raises(EditRequestError) as e:
+        insert(model, "conv", (x,), target, torch.randn(65, 64))
+    assert e.value.field == "rank"
+    with pytest.raises(EditRequestError) as e:
+        insert(model, "conv", (x,), target, torch.ones(2, 64))  # dependent rows
+    assert e.value.field == "rank"
+    with pytest.raises(EditRequestError) as e:
+        insert(model, "conv", (x,), target, d, InsertConfig(method="closed_form"))
+    assert e.value.field == "method"
+
+
+def test_insert_runs_on_the_model_device(device):
+    model, x, target, d = conv_problem("equalized")
+    model.to(device)
+    r = insert(model, "conv", (x,), target, d, InsertConfig(steps=30))
+    assert r.lam.device.type == device.type and r.loss < r.initial_loss

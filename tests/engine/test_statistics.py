@@ -1,0 +1,121 @@
+import pytest
+import torch
+
+from rewriting.errors import Cancelled, CheckpointError, IncompatibleError
+from rewriting.layers import Trace, flat_keys
+from rewriting.seeds import latents
+from rewriting.statistics import SecondMoment, compute_second_moment
+from tests.engine.tiny_models import build
+
+
+def test_update_matches_brute_force():
+    keys = torch.randn(50, 6, dtype=torch.float64)
+    s = SecondMoment(6)
+    s.update(keys[:20]).update(keys[20:])
+    assert s.count == 50
+    assert torch.allclose(s.moment, keys.T @ keys, rtol=1e-13, atol=1e-13)
+    assert torch.allclose(s.mean, keys.mean(0), rtol=1e-13, atol=1e-13)
+    assert torch.allclose(s.matrix, keys.T @ keys / 50, rtol=1e-13, atol=1e-13)
+
+
+def test_feature_map_keys_are_per_location():
+    fmap = torch.randn(2, 3, 4, 5)
+    s = SecondMoment(3).update(fmap)
+    rows = fmap.permute(0, 2, 3, 1).reshape(-1, 3).double()
+    assert s.count == 40 and torch.allclose(s.moment, rows.T @ rows)
+
+
+def test_float32_keys_agree_with_float64_to_float32_precision():
+    keys = torch.relu(torch.randn(3, 16, 32, 32)) + 0.5
+    s32 = SecondMoment(16).update(keys)
+    s64 = SecondMoment(16).update(keys.double())
+    assert s32.count == s64.count == 3 * 1024
+    assert ((s32.moment - s64.moment).abs() / s64.moment.abs()).max() < 1e-5
+    assert torch.allclose(s32.sum, s64.sum, rtol=1e-5)
+
+
+def test_merged_shards_equal_one_shot_to_float64_precision():
+    keys = torch.randn(1000, 16, dtype=torch.float64) * 3 + 1
+    whole = SecondMoment(16).update(keys)
+    shards = [SecondMoment(16).update(keys[a:b]) for a, b in [(0, 137), (137, 600), (600, 1000)]]
+    merged = shards[0] + shards[1] + shards[2]
+    assert merged.count == whole.count
+    assert torch.allclose(merged.moment, whole.moment, rtol=1e-14, atol=1e-10)
+    assert torch.allclose(merged.sum, whole.sum, rtol=1e-14, atol=1e-10)
+    # accumulating in float32 would not get near this: the error is ~1e-16 relative
+    rel = ((merged.moment - whole.moment).abs().max() / whole.moment.abs().max()).item()
+    assert rel < 1e-14
+
+
+def test_statistics_are_deterministic_and_split_invariant():
+    model = build("equalized").double()  # float64 keys: batch-size effects vanish below 1e-12
+    one = compute_second_moment(model, "layer2", "0-39", batch_size=16)
+    assert torch.equal(one.moment, compute_second_moment(model, "layer2", "0-39", batch_size=16).moment)
+    again = compute_second_moment(model, "layer2", "0-39", batch_size=7)
+    split = compute_second_moment(model, "layer2", "0-24") + compute_second_moment(model, "layer2", "25-39")
+    assert one.count == 40 * 64 and one.metadata["seeds"] == "0-39"
+    assert torch.allclose(one.moment, again.moment, rtol=1e-12, atol=1e-9)
+    assert torch.allclose(one.moment, split.moment, rtol=1e-12, atol=1e-9)
+    assert split.metadata["seeds"] == "0-39" and split.metadata["layer"] == "layer2"
+
+
+def test_float32_model_split_agrees_to_float32_precision():
+    model = build("equalized")
+    one = compute_second_moment(model, "layer2", "0-39", batch_size=16)
+    split = compute_second_moment(model, "layer2", "0-24", batch_size=5) + compute_second_moment(
+        model, "layer2", "25-39", batch_size=15)
+    assert torch.allclose(one.moment, split.moment, rtol=1e-5, atol=1e-4)
+
+
+def test_compute_matches_keys_from_a_plain_forward():
+    model = build("stylegan2")
+    stat = compute_second_moment(model, "layer2", "3-5")
+    with Trace(model, "layer2") as tr:
+        model(latents([3, 4, 5], model.z_dim))
+    rows = flat_keys(tr.keys).double()
+    assert torch.allclose(stat.moment, rows.T @ rows, rtol=1e-6, atol=1e-6)
+
+
+def test_overlapping_or_foreign_shards_refuse_to_merge():
+    model = build("equalized")
+    a = compute_second_moment(model, "layer2", "0-9")
+    with pytest.raises(IncompatibleError):
+        a + compute_second_moment(model, "layer2", "5-12")
+    with pytest.raises(IncompatibleError):
+        a + compute_second_moment(model, "layer3", "20-22")
+    with pytest.raises(IncompatibleError):
+        a + SecondMoment(3)
+
+
+def test_save_and_load_round_trip(tmp_path):
+    model = build("equalized")
+    stat = compute_second_moment(model, "layer2", "0-9", model_sha256="ab" * 32)
+    path = tmp_path / "m.safetensors"
+    stat.save(path, {"note": "x"})
+    back = SecondMoment.load(path)
+    assert back.count == stat.count and torch.equal(back.moment, stat.moment)
+    assert back.metadata["model_sha256"] == "ab" * 32 and back.metadata["layer"] == "layer2"
+    assert back.metadata["seeds"] == "0-9" and back.metadata["note"] == "x"
+    assert path.read_bytes()[:1] != b"\x80"  # not a pickle
+
+
+def test_load_rejects_garbage(tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a file")
+    with pytest.raises(CheckpointError):
+        SecondMoment.load(bad)
+
+
+def test_progress_and_cancel():
+    model = build("equalized")
+    seen = []
+    compute_second_moment(model, "layer2", "0-9", batch_size=4, progress=lambda d, n: seen.append((d, n)))
+    assert seen == [(4, 10), (8, 10), (10, 10)]
+    with pytest.raises(Cancelled):
+        compute_second_moment(model, "layer2", "0-9", batch_size=4, should_stop=lambda: True)
+
+
+def test_runs_on_the_model_device(device):
+    model = build("equalized").to(device)
+    stat = compute_second_moment(model, "layer1", "0-3")
+    assert stat.moment.device.type == device.type and stat.moment.dtype == torch.float64

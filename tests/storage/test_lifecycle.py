@@ -1,0 +1,100 @@
+"""The job lifecycle on SQLite and PostgreSQL: legal transitions only, leases with
+fencing so a stale worker cannot write, cancel in each state, events in order."""
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import select
+
+from storage import lifecycle
+from storage.db import session_scope
+from storage.lifecycle import IllegalTransition, LeaseLost
+from storage.models import Job, JobEvent, Model, Tenant, utcnow
+
+
+@pytest.fixture
+def job_id(session_factory):
+    with session_scope(session_factory) as s:
+        tenant = Tenant(name="acme")
+        s.add(tenant)
+        s.flush()
+        model = Model(name="demo", architecture="demo-gan", sha256="0" * 64, size=1, object_key="m")
+        s.add(model)
+        s.flush()
+        return lifecycle.create_job(s, tenant_id=tenant.id, model_id=model.id, layer="layer4").id
+
+
+def events(session_factory, job_id):
+    with session_scope(session_factory) as s:
+        rows = s.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.seq)).all()
+        return [(e.seq, e.kind, e.status) for e in rows]
+
+
+def job(session_factory, job_id) -> Job:
+    with session_scope(session_factory) as s:
+        return s.get(Job, job_id)
+
+
+def test_claim_run_succeed(session_factory, job_id):
+    with session_scope(session_factory) as s:
+        lease = lifecycle.claim(s, job_id, "w1", ttl=30)
+    assert lease.token == 1
+    with session_scope(session_factory) as s:
+        assert lifecycle.claim(s, job_id, "w2", ttl=30) is None  # live lease: duplicate delivery
+        lifecycle.report_progress(s, lease, "optimizing", step=10, total=100, loss=0.5, milestone=True)
+        assert lifecycle.heartbeat(s, lease, ttl=30) is False
+        lifecycle.finish(s, lease, "succeeded", metrics={"loss": 0.1})
+    j = job(session_factory, job_id)
+    assert (j.status, j.metrics, j.lease_owner, j.attempts) == ("succeeded", {"loss": 0.1}, None, 1)
+    assert events(session_factory, job_id) == [
+        (1, "transition", "queued"), (2, "transition", "running"), (3, "progress", "running"), (4, "transition", "succeeded")]
+    with session_scope(session_factory) as s:
+        assert lifecycle.claim(s, job_id, "w2", ttl=30) is None  # finished: never runs again
+
+
+def test_expired_lease_is_taken_over_and_the_stale_worker_is_fenced(session_factory, job_id):
+    with session_scope(session_factory) as s:
+        stale = lifecycle.claim(s, job_id, "w1", ttl=30, now=utcnow() - timedelta(seconds=60))
+    with session_scope(session_factory) as s:
+        fresh = lifecycle.claim(s, job_id, "w2", ttl=30)
+    assert fresh.token == stale.token + 1
+    for write in (lambda s: lifecycle.heartbeat(s, stale, 30),
+                  lambda s: lifecycle.report_progress(s, stale, "optimizing", 1, 2, 0.1),
+                  lambda s: lifecycle.finish(s, stale, "succeeded")):
+        with pytest.raises(LeaseLost), session_scope(session_factory) as s:
+            write(s)
+    with session_scope(session_factory) as s:
+        lifecycle.finish(s, fresh, "succeeded")
+    j = job(session_factory, job_id)
+    assert (j.status, j.attempts) == ("succeeded", 2)
+    assert [e[2] for e in events(session_factory, job_id)].count("succeeded") == 1
+
+
+def test_cancel_queued_job_never_runs(session_factory, job_id):
+    with session_scope(session_factory) as s:
+        assert lifecycle.request_cancel(s, job_id).status == "cancelled"
+    with session_scope(session_factory) as s:
+        assert lifecycle.claim(s, job_id, "w1", ttl=30) is None
+    assert job(session_factory, job_id).status == "cancelled"
+
+
+def test_cancel_running_job_is_seen_at_heartbeat(session_factory, job_id):
+    with session_scope(session_factory) as s:
+        lease = lifecycle.claim(s, job_id, "w1", ttl=30)
+    with session_scope(session_factory) as s:
+        assert lifecycle.request_cancel(s, job_id).cancel_requested
+    with session_scope(session_factory) as s:
+        assert lifecycle.heartbeat(s, lease, 30) is True
+        lifecycle.finish(s, lease, "cancelled")
+    assert job(session_factory, job_id).status == "cancelled"
+
+
+def test_finished_job_refuses_cancel_and_illegal_transitions(session_factory, job_id):
+    with session_scope(session_factory) as s:
+        lease = lifecycle.claim(s, job_id, "w1", ttl=30)
+        lifecycle.finish(s, lease, "failed", error_code="timeout", error_message="too slow")
+    with pytest.raises(IllegalTransition), session_scope(session_factory) as s:
+        lifecycle.request_cancel(s, job_id)
+    with pytest.raises(IllegalTransition), session_scope(session_factory) as s:
+        lifecycle.finish(s, lease, "queued")
+    j = job(session_factory, job_id)
+    assert (j.status, j.error_code) == ("failed", "timeout")
