@@ -536,7 +536,7 @@ OPENAPI_PATHS = {
                 "202": {"description": "Accepted: in_progress, every member queued",
                         "headers": {"Location": {"schema": {"type": "string"}, "description": "/v1/batches/{id}"}},
                         "content": _BATCH},
-                **error_responses(400, 401, 413, 415, 422, 503),
+                **error_responses(400, 401, 413, 415, 422),
             },
         },
         "get": {
@@ -588,7 +588,7 @@ OPENAPI_PATHS = {
                                     "application/json": {"schema": {}}}},
                 "302": {"description": "Presigned object store URL",
                         "headers": {"Location": {"schema": {"type": "string"}}}},
-                **error_responses(401, 404, 503),
+                **error_responses(401, 404),
             },
         }
     },

@@ -522,7 +522,7 @@ OPENAPI_PATHS = {
                 "200": {"description": "An earlier submission with this Idempotency-Key and body",
                         "headers": {**_LOCATION, "Idempotent-Replayed": {"schema": {"const": "true"}}},
                         "content": _JOB},
-                **error_responses(400, 401, 409, 413, 422, 503),
+                **error_responses(400, 401, 409, 413, 422),
             },
         },
         "get": {
@@ -602,7 +602,7 @@ OPENAPI_PATHS = {
                 "302": {"description": "Presigned object store URL (expires after PALIMPSEST_PRESIGN_SECONDS)",
                         "headers": {"Location": {"schema": {"type": "string"}}}},
                 "304": {"description": "If-None-Match matched the sha256"},
-                **error_responses(401, 404, 503),
+                **error_responses(401, 404),
             },
         }
     },

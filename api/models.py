@@ -403,7 +403,7 @@ OPENAPI_PATHS = {
             "responses": {
                 "202": {"description": "Stored; inspection queued",
                         "headers": {"Location": {"schema": {"type": "string"}}}, "content": _MODEL},
-                **error_responses(400, 401, 413, 422, 503),
+                **error_responses(400, 401, 413, 422),
             },
         },
     },

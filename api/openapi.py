@@ -50,6 +50,25 @@ def error_responses(*statuses: int) -> dict:
     return {str(status): {"$ref": "#/components/responses/Error"} for status in statuses}
 
 
+UNAVAILABLE = {
+    "description": "A dependency (the database, the broker or the object store) cannot be reached; "
+                   "nothing was changed. Try again after `Retry-After` seconds.",
+    "headers": {"Retry-After": {"description": "Seconds to wait before trying again",
+                                "schema": {"type": "integer"}}},
+    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+}
+
+
+def with_unavailable(paths: dict) -> dict:
+    """Every operation that needs an API key reads the database (the key itself), so any of
+    them can answer 503 while it is down: documented here once, not route by route."""
+    for operations in paths.values():
+        for operation in operations.values():
+            if operation.get("security") == SECURED:
+                operation["responses"].setdefault("503", {"$ref": "#/components/responses/Unavailable"})
+    return paths
+
+
 def document(app) -> dict:
     paths, schemas = {}, {"Error": ERROR_SCHEMA}
     for blueprint in app.blueprints.values():
@@ -65,12 +84,13 @@ def document(app) -> dict:
                            "Every error answers with an `Error` body; its `code` is stable. "
                            f"Codes from the HTTP layer: {', '.join(sorted(set(HTTP_CODES.values())))}.",
         },
-        "paths": dict(sorted(paths.items())),
+        "paths": with_unavailable(dict(sorted(paths.items()))),
         "components": {
             "securitySchemes": OPENAPI_SECURITY_SCHEMES,
             "schemas": schemas,
             "responses": {
-                "Error": {"description": "Error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+                "Error": {"description": "Error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}},
+                "Unavailable": UNAVAILABLE,
             },
         },
     }

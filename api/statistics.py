@@ -201,7 +201,7 @@ OPENAPI_PATHS = {
                         "headers": {"Location": {"schema": {"type": "string"}}}, "content": _STATISTIC},
                 "200": {"description": "Already ready, or being computed",
                         "headers": {"Location": {"schema": {"type": "string"}}}, "content": _STATISTIC},
-                **error_responses(400, 401, 409, 422, 503),
+                **error_responses(400, 401, 409, 422),
             },
         },
     },

@@ -52,3 +52,29 @@ def test_docs_page_links_the_document(client):
     page = response.get_data(as_text=True)
     assert 'href="/v1/openapi.json"' in page  # usable offline: the raw document is one click away
     assert 'url: "/v1/openapi.json"' in page
+
+
+def test_every_operation_with_a_key_documents_503_with_retry_after(app):
+    doc = openapi.document(app)
+    unavailable = doc["components"]["responses"]["Unavailable"]
+    assert "Retry-After" in unavailable["headers"]
+    secured = [(path, method, op) for path, ops in doc["paths"].items() for method, op in ops.items()
+               if op.get("security")]
+    assert len(secured) >= 18
+    for path, method, op in secured:
+        assert op["responses"]["503"] == {"$ref": "#/components/responses/Unavailable"}, f"{method} {path}"
+
+
+def test_a_database_outage_answers_503_with_retry_after(app, client, monkeypatch):
+    from sqlalchemy.exc import OperationalError
+
+    import api.auth
+
+    def down(*args, **kwargs):
+        raise OperationalError("SELECT 1", {}, ConnectionRefusedError("connection refused"))
+
+    monkeypatch.setattr(api.auth, "tenant_for_key", down)
+    response = client.get("/v1/jobs", headers={"Authorization": "Bearer nope"})
+    assert response.status_code == 503
+    assert int(response.headers["Retry-After"]) > 0
+    assert response.json["error"]["code"] == "service_unavailable"
