@@ -251,7 +251,7 @@ def run_claimed(session_factory, store, settings, lease, heartbeat, warm=None, s
         session_factory, store, cache, model, plan.base_sha256, layer, spec, lease.owner,
         settings.job_lease_seconds, heartbeat,
         progress=lambda done, total: progress.update("statistics", done, total),
-        shard_samples=settings.shard_samples, warm=warm, send_shard=send_shard)
+        shard_samples=settings.shard_samples, warm=warm, send_shard=send_shard, retry_s=settings.db_retry_seconds)
 
     steps = request.params.steps
     phase("optimizing", step=0, total=steps)

@@ -52,6 +52,7 @@ from sqlalchemy.orm import Session
 from storage.db import session_scope
 from storage.models import Artifact, Model, Statistic, StatisticShard, utcnow
 from storage.statistics import insert_statistic, parse_sample_spec
+from workers.retry import retry_call
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,16 @@ WAIT_POLL_SECONDS = 0.5
 BATCH_SIZE = 64  # images per forward pass; shards are whole batches
 COMPUTE_SHARD = "workers.statistics.compute_shard"
 SHARD_BROKER_PRIORITY = 0  # Redis serves 0 first: a free worker takes a shard before any queued job
+
+
+def _transaction(session_factory, fn, retry_s: float, what: str, give_up=None):
+    """``fn(session)`` in one transaction, tried again while the database is away for up to
+    ``retry_s`` seconds (``workers.retry``): minutes of forward passes are not thrown away
+    for a restart of PostgreSQL. Every ``fn`` here is a read or a compare-and-set."""
+    def attempt():
+        with session_scope(session_factory) as session:
+            return fn(session)
+    return retry_call(attempt, budget_s=retry_s, what=what, give_up=give_up)
 
 
 class StatisticUnavailable(Exception):
@@ -259,7 +270,8 @@ def _send(send_shard, shard_ids) -> None:
 # --- computing ---------------------------------------------------------------------------
 
 def _compute_piece(session_factory, store, cache: Path, model, row_id: str, token: int, layer: str,
-                   seeds: range, model_sha256: str, heartbeat, progress, batch_size: int, kind: str):
+                   seeds: range, model_sha256: str, heartbeat, progress, batch_size: int, kind: str,
+                   retry_s: float = 0):
     """Compute the second moment over ``seeds`` under the lease (``row_id``, ``token``), upload
     it and mark the row ready. Returns the moment, or None when the lease was lost (someone
     else finishes it). A cancel releases the row (pending), an error fails it; both raise."""
@@ -280,31 +292,34 @@ def _compute_piece(session_factory, store, cache: Path, model, row_id: str, toke
     except Cancelled:
         if heartbeat.statistic_lost and not heartbeat.should_stop():
             return None  # our lease expired and another worker took over
-        with session_scope(session_factory) as session:
-            release_statistic(session, row_id, token)
+        _transaction(session_factory, lambda session: release_statistic(session, row_id, token), retry_s,
+                     f"{row_id}: release")
         raise
     except BaseException as e:
-        with session_scope(session_factory) as session:
-            release_statistic(session, row_id, token, error=f"{type(e).__name__}: {e}")
+        _transaction(session_factory,
+                     lambda session: release_statistic(session, row_id, token, error=f"{type(e).__name__}: {e}"),
+                     retry_s, f"{row_id}: release")
         raise
     finally:
         heartbeat.drop_statistic()
-    with session_scope(session_factory) as session:
-        done = complete_statistic(session, row_id, token, stored, moment.count)
+    done = _transaction(session_factory, lambda session: complete_statistic(session, row_id, token, stored,
+                                                                            moment.count),
+                        retry_s, f"{row_id}: complete")
     log.info("computed %s over %s%s", row_id, spec, "" if done else " (lease lost: discarded)")
     return moment if done else None
 
 
-def merge_shards(session_factory, store, cache: Path, statistic_id: str, token: int, heartbeat):
+def merge_shards(session_factory, store, cache: Path, statistic_id: str, token: int, heartbeat,
+                 retry_s: float = 0):
     """Add the ready shards' partial moments (float64, in seed order) into the statistic and
     mark it ready, under the statistic's lease; the merged ``SecondMoment`` (on the CPU),
     or None when the lease was lost."""
     from rewriting.statistics import SecondMoment
     from workers.artifacts import fetch, put_file
 
-    with session_scope(session_factory) as session:
-        stat = session.get(Statistic, statistic_id, populate_existing=True)
-        shards = shards_of(session, statistic_id)
+    stat, shards = _transaction(session_factory, lambda session: (
+        session.get(Statistic, statistic_id, populate_existing=True), shards_of(session, statistic_id)),
+        retry_s, f"{statistic_id}: read shards")
     heartbeat.hold_statistic(statistic_id, token)
     try:
         total = None
@@ -320,13 +335,14 @@ def merge_shards(session_factory, store, cache: Path, statistic_id: str, token: 
             stored = put_file(store, path, None, "statistics", "second_moment.safetensors",
                               "application/octet-stream")
     except BaseException as e:
-        with session_scope(session_factory) as session:
-            release_statistic(session, statistic_id, token, error=f"merge: {type(e).__name__}: {e}")
+        _transaction(session_factory, lambda session: release_statistic(
+            session, statistic_id, token, error=f"merge: {type(e).__name__}: {e}"), retry_s, f"{statistic_id}: release")
         raise
     finally:
         heartbeat.drop_statistic()
-    with session_scope(session_factory) as session:
-        done = complete_statistic(session, statistic_id, token, stored, total.count)
+    done = _transaction(session_factory, lambda session: complete_statistic(session, statistic_id, token, stored,
+                                                                            total.count),
+                        retry_s, f"{statistic_id}: complete")
     log.info("merged %d shards into statistic %s", len(shards), statistic_id)
     return (total, stored) if done else None
 
@@ -334,7 +350,7 @@ def merge_shards(session_factory, store, cache: Path, statistic_id: str, token: 
 def ensure_statistic(session_factory, store, cache: Path, model, model_sha256: str, layer: str, spec: str,
                      owner: str, ttl: float, heartbeat, progress=None, batch_size: int = BATCH_SIZE,
                      statistic_id: str | None = None, shard_samples: int | None = None, warm=None,
-                     send_shard=None):
+                     send_shard=None, retry_s: float = 0):
     """The ready statistic of (``model_sha256``, ``layer``, ``spec``), as ``(SecondMoment, Statistic)``.
 
     Loads it if ready (through ``warm``, a ``workers.cache.WorkerCache``, if given). Else
@@ -345,7 +361,8 @@ def ensure_statistic(session_factory, store, cache: Path, model, model_sha256: s
     ``heartbeat`` (workers.heartbeat.Heartbeat) keeps the caller's own lease alive meanwhile
     and renews the lease this worker holds; its ``should_stop()`` (a cancel, a lost job
     lease) raises ``Cancelled``, polled while waiting and between batches.
-    ``progress(done, total)`` follows the computation (images).
+    ``progress(done, total)`` follows the computation (images). Its database transactions
+    are tried again while the database is away, for up to ``retry_s`` seconds each.
     """
     from rewriting.errors import Cancelled
     from rewriting.statistics import SecondMoment
@@ -356,17 +373,21 @@ def ensure_statistic(session_factory, store, cache: Path, model, model_sha256: s
     device = _device_of(model)
     seeds = parse_sample_spec(spec)
     sent = set()  # (shard id, fencing token) sent by this caller
+
+    def look(session):
+        if statistic_id is None:
+            stat = insert_statistic(session, model_sha256, layer, spec)
+        else:
+            stat = session.get(Statistic, statistic_id, populate_existing=True)
+        planned = plan_shards(session, stat, shard_samples) if shard_samples else []
+        if planned:
+            session.refresh(stat)
+        return stat, planned, next_step(session, stat, owner, ttl)
+
     while True:
-        with session_scope(session_factory) as session:
-            if statistic_id is None:
-                stat = insert_statistic(session, model_sha256, layer, spec)
-                statistic_id = stat.id
-            else:
-                stat = session.get(Statistic, statistic_id, populate_existing=True)
-            planned = plan_shards(session, stat, shard_samples) if shard_samples else []
-            if planned:
-                session.refresh(stat)
-            step = next_step(session, stat, owner, ttl)
+        stat, planned, step = _transaction(session_factory, look, retry_s, f"statistic {layer} {spec}: next step",
+                                           give_up=heartbeat.should_stop)
+        statistic_id = stat.id
         _send(send_shard, [s.id for s in planned])
         sent.update((s.id, 0) for s in planned)
         _send(send_shard, [shard_id for shard_id, token in step.resend if (shard_id, token) not in sent])
@@ -385,11 +406,12 @@ def ensure_statistic(session_factory, store, cache: Path, model, model_sha256: s
             continue
         if step.action == "whole":
             moment = _compute_piece(session_factory, store, cache, model, statistic_id, step.token, layer, seeds,
-                                    model_sha256, heartbeat, progress, batch_size, "statistics")
+                                    model_sha256, heartbeat, progress, batch_size, "statistics", retry_s)
             if moment is None:
                 continue  # lost the lease: whoever holds it now finishes; wait for it
-            with session_scope(session_factory) as session:
-                stat = session.get(Statistic, statistic_id, populate_existing=True)
+            stat = _transaction(session_factory, lambda session: session.get(Statistic, statistic_id,
+                                                                             populate_existing=True),
+                                retry_s, f"{statistic_id}: read")
             warm.keep_statistic(stat.id, stat.sha256, moment)
             return moment, stat
         if step.action == "shard":
@@ -398,13 +420,14 @@ def ensure_statistic(session_factory, store, cache: Path, model, model_sha256: s
                 lambda done, total, before=step.done: progress(before + done, step.total))
             _compute_piece(session_factory, store, cache, model, shard.id, step.token, layer,
                            range(shard.seed_start, shard.seed_stop), model_sha256, heartbeat, report, batch_size,
-                           "statistic_shards")
+                           "statistic_shards", retry_s)
             continue  # then the next shard, or the merge
-        merged = merge_shards(session_factory, store, cache, statistic_id, step.token, heartbeat)
+        merged = merge_shards(session_factory, store, cache, statistic_id, step.token, heartbeat, retry_s)
         if merged is None:
             continue
-        with session_scope(session_factory) as session:
-            stat = session.get(Statistic, statistic_id, populate_existing=True)
+        stat = _transaction(session_factory, lambda session: session.get(Statistic, statistic_id,
+                                                                         populate_existing=True),
+                            retry_s, f"{statistic_id}: read")
         moment = merged[0].to(device)
         warm.keep_statistic(stat.id, stat.sha256, moment)
         return moment, stat
@@ -484,7 +507,7 @@ def process_statistic(session_factory, store, settings, statistic_id: str, owner
         _, stat = ensure_statistic(session_factory, store, cache_dir(settings.data_dir), model, stat.model_sha256,
                                    stat.layer, stat.sample_spec, owner, settings.job_lease_seconds, heartbeat,
                                    statistic_id=statistic_id, shard_samples=settings.shard_samples, warm=warm,
-                                   send_shard=send_shard)
+                                   send_shard=send_shard, retry_s=settings.db_retry_seconds)
     return stat.status
 
 
@@ -519,7 +542,8 @@ def process_shard(session_factory, store, settings, shard_id: str, owner: str | 
                 except StatisticUnavailable as e:
                     unavailable = e
         if step.action == "merge":
-            merged = merge_shards(session_factory, store, cache, stat.id, step.token, heartbeat)
+            merged = merge_shards(session_factory, store, cache, stat.id, step.token, heartbeat,
+                                  settings.db_retry_seconds)
             return "merged" if merged is not None else None
         if step.action != "shard":  # ready, or every open shard is held (a whole statistic is not ours)
             return None
@@ -536,7 +560,7 @@ def process_shard(session_factory, store, settings, shard_id: str, owner: str | 
             raise
         moment = _compute_piece(session_factory, store, cache, model, shard.id, step.token, stat.layer,
                                 range(shard.seed_start, shard.seed_stop), stat.model_sha256, heartbeat, None,
-                                BATCH_SIZE, "statistic_shards")
+                                BATCH_SIZE, "statistic_shards", settings.db_retry_seconds)
         if moment is None:
             return None
         with session_scope(session_factory) as session:
@@ -544,7 +568,7 @@ def process_shard(session_factory, store, settings, shard_id: str, owner: str | 
             token = claim_merge(session, stat, owner, ttl)
         if token is None:  # shards left, or another worker merges
             return "computed"
-        merged = merge_shards(session_factory, store, cache, stat.id, token, heartbeat)
+        merged = merge_shards(session_factory, store, cache, stat.id, token, heartbeat, settings.db_retry_seconds)
         if merged is not None and warm is not None:
             warm.keep_statistic(stat.id, merged[1].sha256, merged[0].to(_device_of(model)))
         return "merged" if merged is not None else "computed"

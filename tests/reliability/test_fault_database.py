@@ -94,3 +94,27 @@ def test_database_down_for_10_s(service, figures):
                    restart_to_api_accepts_s=seconds(up_at, api_back_at),
                    restart_to_job_succeeded_s=seconds(up_at, job.finished_at),
                    finish_retries=worker_log.count(f"job {job_id}: finish failed"))
+
+
+def test_database_down_while_a_statistic_is_computed(service, figures):
+    """The outage meets the statistics phase: the statistic's own writes (its completion,
+    the next step of the waiting loop), the job's progress and its milestones wait for the
+    database; nothing is recomputed by another attempt."""
+    before = len(service.workers[0].log().splitlines())
+    job_id = service.submit(samples=4096)  # a statistic of its own: a few seconds of forward passes
+    service.wait_phase(job_id, "statistics", timeout=300)
+    down_at = now()
+    service.cluster.stop()
+    time.sleep(max(0.0, OUTAGE_S - (now() - down_at).total_seconds()))
+    service.cluster.start()
+    up_at = now()
+
+    job = service.wait_ended([job_id], timeout=300)[job_id]
+    assert (job.status, job.attempts) == ("succeeded", 1), (job.error_code, job.error_message)
+    assert [e.status for e in service.transitions(job_id)] == ["queued", "running", "succeeded"]
+    assert_one_artifact_set(service, job_id)
+    worker_log = service.workers[0].log()
+    waited = [line for line in worker_log.splitlines()[before:] if "retrying in" in line or "not written" in line]
+    assert waited, "no write of the statistics phase met the outage"
+    figures.update(outage_s=seconds(down_at, up_at), restart_to_job_succeeded_s=seconds(up_at, job.finished_at),
+                   writes_retried=len(waited))
