@@ -150,8 +150,9 @@ def beat(loglevel):
                    "embedded broker): for after its messages were lost. Duplicates are harmless.")
 def reconcile(all_queued):
     """Re-send every job the database holds as queued or running with no live lease and no
-    message in the broker, and statistics likewise; fail jobs whose workers died too often.
-    The beat runs the same pass periodically (docs/reliability.md)."""
+    message in the broker, and statistics likewise; fail jobs whose workers died too often;
+    sweep batches (recount, and re-send lost merges and webhooks). The beat runs the same
+    pass periodically (docs/reliability.md)."""
     from workers.celery_app import make_celery
     from workers.reconcile import reconcile_once
 

@@ -19,6 +19,9 @@ database and the broker and re-sends what is missing:
 3. A **statistic** that is pending or computing with no live lease (nor a shard under a
    live lease), unchanged for the grace period and with no message, gets its
    ``compute_statistic`` again.
+4. **Batches** are swept (``workers.batches.sweep``): open batches are recounted (and
+   moved on when their last member ended but its notice was lost), a merge or webhook
+   delivery whose task was lost is sent again.
 
 A re-sent job gets a ``progress`` event (``reconciler: re-sent ...``), and is not re-sent
 again within the grace period. A re-send that turns out to be a duplicate is harmless:
@@ -48,7 +51,7 @@ from sqlalchemy import or_, select
 from storage import lifecycle
 from storage.db import session_scope
 from storage.models import Job, JobEvent, Statistic, StatisticShard, utcnow
-from workers.batches import job_ended
+from workers.batches import job_ended, sweep
 from workers.celery_app import broker_priority
 
 log = logging.getLogger(__name__)
@@ -68,12 +71,20 @@ class Report:
     resent_jobs: list = field(default_factory=list)
     failed_jobs: list = field(default_factory=list)  # given up after max attempts (worker_lost)
     resent_statistics: list = field(default_factory=list)
+    batches: dict = field(default_factory=dict)  # what workers.batches.sweep did, by kind
     broker_listed: bool = True  # False: the broker cannot be listed (queued jobs left alone)
 
     def __str__(self):
+        repaired = ", ".join(f"{kind} {n}" for kind, n in self.batches.items() if n and kind != "refreshed")
         return (f"re-sent {len(self.resent_jobs)} jobs and {len(self.resent_statistics)} statistics; "
                 f"failed {len(self.failed_jobs)} jobs after too many attempts"
+                + (f"; batches: {repaired}" if repaired else "")
                 + ("" if self.broker_listed else " (the broker cannot be listed: queued jobs were not checked)"))
+
+    @property
+    def acted(self) -> bool:
+        return bool(self.resent_jobs or self.failed_jobs or self.resent_statistics
+                    or any(n for kind, n in self.batches.items() if kind != "refreshed"))
 
 
 # --- the broker ----------------------------------------------------------------------------
@@ -210,7 +221,8 @@ def reconcile_once(session_factory, celery, settings, *, all_queued: bool = Fals
         if not in_broker(COMPUTE_STATISTIC, statistic_id):
             celery.send_task(COMPUTE_STATISTIC, args=[statistic_id])
             report.resent_statistics.append(statistic_id)
-    if report.resent_jobs or report.failed_jobs or report.resent_statistics:
+    report.batches = sweep(session_factory, celery)
+    if report.acted:
         log.warning("reconcile: %s", report)
     return report
 

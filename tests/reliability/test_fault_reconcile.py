@@ -234,3 +234,25 @@ def test_a_pass_over_ten_thousand_queued_jobs(redis_server, tmp_path, figures):
         finally:
             engine.dispose()
     figures.update(queued=10_000, pass_with_messages_s=round(listed_s, 2), pass_resending_all_s=round(resent_s, 2))
+
+
+def test_the_pass_sweeps_batches_whose_last_notice_was_lost(world):
+    """A batch whose members all ended, but whose last member's hook never ran (its
+    worker died after the commit), is completed by the reconciler, not left in_progress."""
+    from storage.models import Batch
+
+    celery, settings, session_factory, ids = world
+    with session_scope(session_factory) as s:
+        batch = Batch(tenant_id=ids[0], status="in_progress", total_count=2)
+        s.add(batch)
+        s.flush()
+        batch_id = batch.id
+    jobs = [new_job(session_factory, ids) for _ in range(2)]
+    with session_scope(session_factory) as s:
+        s.execute(update(Job).where(Job.id.in_(jobs)).values(batch_id=batch_id, status="succeeded",
+                                                             finished_at=utcnow()))
+    report = reconcile_once(session_factory, celery, settings)
+    assert report.batches["refreshed"] == 1 and report.acted is False  # a recount is not a repair
+    with session_scope(session_factory) as s:
+        batch = s.get(Batch, batch_id)
+        assert (batch.status, batch.succeeded_count, batch.total_count) == ("completed", 2, 2)
