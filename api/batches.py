@@ -35,19 +35,21 @@ from api.errors import (
     UnsupportedMediaType,
     ValidationError,
 )
-from api.jobs import DEFAULT_LIMIT, MAX_LIMIT, MAX_WEBHOOK_URL, artifact_json, decode_cursor, encode_cursor, \
-    validate_job, validate_webhook
+from api import pagination
+from api.jobs import MAX_WEBHOOK_URL, artifact_url, validate_job, validate_webhook
 from api.multipart import MultipartReader
+from api.pagination import PAGE_ARGS, page
 from api.openapi import SECURED, error_responses
 from api.tasks import DEFAULT_PRIORITY, MAX_PRIORITY, RUN_JOB, broker_priority
 from storage import lifecycle
 from storage.db import get_session
 from storage.models import (
-    ARTIFACT_NAMES, BATCH_MERGE_STATUSES, BATCH_STATUSES, JOB_STATUSES, Artifact, Batch, BatchMerge, Job, new_id,
+    BATCH_MERGE_STATUSES, BATCH_STATUSES, JOB_STATUSES, Artifact, Batch, BatchMerge, Job, new_id,
     utcnow,
 )
 from storage.objects import CHUNK_SIZE, ObjectNotFound, tenant_key
-from workers.batches import OPEN_JOB_STATUSES, batch_json, fail_batch, refresh_batch, set_status
+from storage.resources import artifacts_json, batch_json
+from workers.batches import OPEN_JOB_STATUSES, fail_batch, refresh_batch, set_status
 
 bp = Blueprint("batches", __name__, url_prefix="/v1")
 
@@ -63,7 +65,7 @@ MULTIPART_SLACK = 64 * 1024  # part headers and option fields around the file, o
 READ_CHUNK = 1024 * 1024
 RESULTS_PAGE = 500  # members read per query while streaming results
 CANCEL_CHUNK = 500  # members cancelled per transaction
-LIST_FILTERS = ("status", "model", "cursor", "limit")
+LIST_FILTERS = ("status", "model", *PAGE_ARGS)
 MERGE_OBJECTS = {"delta": "application/octet-stream", "checkpoint": "application/octet-stream",
                  "report": "application/json"}  # a merge's files (workers/merge.py), by name
 
@@ -270,17 +272,8 @@ def list_batches():
         query = query.where(Batch.status == status)
     if (model_id := args.get("model")) is not None:  # batches with a member on this model
         query = query.where(select(Job.id).where(Job.batch_id == Batch.id, Job.model_id == model_id).exists())
-    limit = args.get("limit", str(DEFAULT_LIMIT))
-    if not limit.isdigit() or not 1 <= int(limit) <= MAX_LIMIT:
-        raise ValidationError(f"must be an integer in [1, {MAX_LIMIT}]", field="limit")
-    limit = int(limit)
-    if (cursor := args.get("cursor")) is not None:
-        when, batch_id = decode_cursor(cursor)
-        query = query.where(or_(Batch.created_at < when, and_(Batch.created_at == when, Batch.id < batch_id)))
-    batches = list(get_session().scalars(query.order_by(Batch.created_at.desc(), Batch.id.desc()).limit(limit + 1)))
-    more = len(batches) > limit
-    batches = batches[:limit]
-    return {"batches": [batch_json(b) for b in batches], "next_cursor": encode_cursor(batches[-1]) if more else None}
+    batches, next_cursor = page(query, Batch, args)
+    return {"batches": [batch_json(b) for b in batches], "next_cursor": next_cursor}
 
 
 def merge_view(row: BatchMerge) -> dict:
@@ -371,7 +364,7 @@ def result_line(job: Job, artifacts: list[Artifact]) -> dict:
         "job": job.id,
         "status": job.status,
         "metrics": job.metrics,
-        "artifacts": [artifact_json(a) for a in sorted(artifacts, key=lambda a: ARTIFACT_NAMES.index(a.name))],
+        "artifacts": artifacts_json(artifacts, artifact_url),
         "error": {"code": job.error_code, "message": job.error_message or ""} if job.error_code else None,
     }
 
@@ -548,10 +541,7 @@ OPENAPI_PATHS = {
                 {"name": "status", "in": "query", "schema": {"enum": list(BATCH_STATUSES)}},
                 {"name": "model", "in": "query", "schema": {"type": "string"},
                  "description": "Only batches with a member on this model"},
-                {"name": "cursor", "in": "query", "schema": {"type": "string"},
-                 "description": "next_cursor of the previous page"},
-                {"name": "limit", "in": "query",
-                 "schema": {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": DEFAULT_LIMIT}},
+                *pagination.OPENAPI_PARAMETERS,
             ],
             "responses": {
                 "200": {"description": "A page",

@@ -8,15 +8,12 @@ request the worker would refuse is refused here, with the field to blame.
 
 Every query is scoped to the caller's tenant: another tenant's job answers 404.
 """
-import base64
-import binascii
 import hashlib
 import json
 from dataclasses import asdict, replace
-from datetime import datetime
 
 from flask import Blueprint, Response, current_app, redirect, request, url_for
-from sqlalchemy import and_, or_, select
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from api.auth import current_tenant_id
@@ -32,9 +29,11 @@ from api.errors import (
     UnknownLayer,
     ValidationError,
 )
+from api import pagination
 from api.inputs import json_problem
 from api.models import visible_to
 from api.openapi import SECURED, error_responses
+from api.pagination import PAGE_ARGS, page
 from api.tasks import DEFAULT_PRIORITY, MAX_PRIORITY, RUN_JOB, send_task
 from palimpsest.webhooks import url_problem
 from rewriting.errors import EditRequestError
@@ -44,13 +43,14 @@ from storage import lifecycle
 from storage.db import get_session
 from storage.models import ARTIFACT_NAMES, JOB_PHASES, JOB_STATUSES, Artifact, Job, JobEvent, Model
 from storage.objects import CHUNK_SIZE, ObjectNotFound
+from storage import resources
+from storage.resources import iso_time
 from workers.params import split_params
 
 bp = Blueprint("jobs", __name__, url_prefix="/v1")
 
 JOB_FIELDS = ("model", "layer", "request", "params", "base", "priority", "webhook")
-LIST_FILTERS = ("status", "model", "batch", "cursor", "limit")
-DEFAULT_LIMIT, MAX_LIMIT = 20, 100
+LIST_FILTERS = ("status", "model", "batch", *PAGE_ARGS)
 MAX_IDEMPOTENCY_KEY = 200  # Job.idempotency_key
 MAX_WEBHOOK_URL = 2048  # Job.webhook_url
 MAX_SEQ = 2**31 - 1  # JobEvent.seq is a 32-bit integer on PostgreSQL
@@ -63,41 +63,12 @@ def get_job(job_id: str) -> Job:
     return job
 
 
-def artifact_json(artifact: Artifact) -> dict:
-    return {
-        "name": artifact.name,
-        "sha256": artifact.sha256,
-        "size": artifact.size,
-        "content_type": artifact.content_type,
-        "url": url_for("jobs.download_artifact", job_id=artifact.job_id, name=artifact.name, _external=True),
-    }
+def artifact_url(artifact: Artifact) -> str:
+    return url_for("jobs.download_artifact", job_id=artifact.job_id, name=artifact.name, _external=True)
 
 
 def job_json(job: Job, artifacts: list[Artifact]) -> dict:
-    return {
-        "id": job.id,
-        "status": job.status,
-        "model": job.model_id,
-        "layer": job.layer,
-        "progress": {"phase": job.phase, "step": job.progress_step, "total": job.progress_total,
-                     "loss": job.progress_loss},
-        "created_at": _time(job.created_at),
-        "started_at": _time(job.started_at),
-        "finished_at": _time(job.finished_at),
-        "error": {"code": job.error_code, "message": job.error_message or ""} if job.error_code else None,
-        "metrics": job.metrics,
-        "artifacts": [artifact_json(a) for a in sorted(artifacts, key=lambda a: ARTIFACT_NAMES.index(a.name))],
-        "base_job": job.base_job_id,
-        "priority": job.priority,
-        "batch": job.batch_id,
-        "params": job.params,
-        "webhook": job.webhook_url,
-        "cancel_requested": job.cancel_requested,
-    }
-
-
-def _time(value: datetime | None) -> str | None:
-    return value.isoformat() if value is not None else None
+    return resources.job_json(job, artifacts, artifact_url)
 
 
 def artifacts_of(job_ids: list[str]) -> dict[str, list[Artifact]]:
@@ -274,22 +245,6 @@ def submit_job():
 
 # -- reading ---------------------------------------------------------------------------
 
-def encode_cursor(job: Job) -> str:
-    raw = json.dumps([job.created_at.isoformat(), job.id]).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str) -> tuple[datetime, str]:
-    try:
-        created_at, job_id = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        when = datetime.fromisoformat(created_at)
-        if when.tzinfo is None or not isinstance(job_id, str) or "\x00" in job_id:
-            raise ValueError(cursor)
-    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
-        raise ValidationError("is not a cursor this API returned (next_cursor)", field="cursor") from None
-    return when, job_id
-
-
 @bp.get("/jobs")
 def list_jobs():
     """Newest first; ``next_cursor`` is null on the last page."""
@@ -306,19 +261,9 @@ def list_jobs():
         query = query.where(Job.model_id == model_id)
     if (batch_id := args.get("batch")) is not None:
         query = query.where(Job.batch_id == batch_id)
-    limit = args.get("limit", str(DEFAULT_LIMIT))
-    if not (limit.isascii() and limit.isdigit()) or not 1 <= int(limit) <= MAX_LIMIT:  # "²".isdigit()
-        raise ValidationError(f"must be an integer in [1, {MAX_LIMIT}]", field="limit")
-    limit = int(limit)
-    if (cursor := args.get("cursor")) is not None:
-        when, job_id = decode_cursor(cursor)
-        query = query.where(or_(Job.created_at < when, and_(Job.created_at == when, Job.id < job_id)))
-    jobs = list(get_session().scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)))
-    more = len(jobs) > limit
-    jobs = jobs[:limit]
+    jobs, next_cursor = page(query, Job, args)
     artifacts = artifacts_of([job.id for job in jobs])
-    return {"jobs": [job_json(job, artifacts[job.id]) for job in jobs],
-            "next_cursor": encode_cursor(jobs[-1]) if more else None}
+    return {"jobs": [job_json(job, artifacts[job.id]) for job in jobs], "next_cursor": next_cursor}
 
 
 @bp.get("/jobs/<job_id>")
@@ -355,7 +300,7 @@ def job_events(job_id):
         select(JobEvent).where(JobEvent.job_id == job.id, JobEvent.seq > int(after)).order_by(JobEvent.seq))
     return {"events": [{
         "seq": e.seq, "kind": e.kind, "status": e.status, "phase": e.phase, "step": e.step, "total": e.total,
-        "loss": e.loss, "message": e.message, "created_at": _time(e.created_at),
+        "loss": e.loss, "message": e.message, "created_at": iso_time(e.created_at),
     } for e in events]}
 
 
@@ -534,10 +479,7 @@ OPENAPI_PATHS = {
                 {"name": "status", "in": "query", "schema": {"enum": list(JOB_STATUSES)}},
                 {"name": "model", "in": "query", "schema": {"type": "string"}},
                 {"name": "batch", "in": "query", "schema": {"type": "string"}},
-                {"name": "cursor", "in": "query", "schema": {"type": "string"},
-                 "description": "next_cursor of the previous page"},
-                {"name": "limit", "in": "query",
-                 "schema": {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": DEFAULT_LIMIT}},
+                *pagination.OPENAPI_PARAMETERS,
             ],
             "responses": {
                 "200": {"description": "A page",

@@ -29,7 +29,7 @@ No torch and no Celery tasks here: the API imports this module (batch cancel, an
 batch resource), and tasks are sent by name through the Celery app it is given.
 """
 import logging
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 from kombu.exceptions import OperationalError
 from sqlalchemy import func, select, update
@@ -84,26 +84,6 @@ def member_counts(session, batch_id: str) -> dict[str, int]:
 def count_columns(counts: dict[str, int]) -> dict:
     return {"succeeded_count": counts.get("succeeded", 0), "failed_count": counts.get("failed", 0),
             "cancelled_count": counts.get("cancelled", 0)}
-
-
-def batch_json(batch: Batch) -> dict:
-    """The batch resource, as ``GET /v1/batches/{id}`` answers and its webhook carries."""
-    return {
-        "id": batch.id,
-        "status": batch.status,
-        "request_counts": {"total": batch.total_count, "succeeded": batch.succeeded_count,
-                           "failed": batch.failed_count, "cancelled": batch.cancelled_count},
-        "merge": batch.merge,
-        "priority": batch.priority,
-        "webhook": batch.webhook_url,
-        "error": {"code": batch.error_code, "message": batch.error_message or ""} if batch.error_code else None,
-        "created_at": _time(batch.created_at),
-        "finished_at": _time(batch.finished_at),
-    }
-
-
-def _time(value: datetime | None) -> str | None:
-    return value.isoformat() if value is not None else None
 
 
 def _send(celery, name: str, object_id: str) -> bool:

@@ -296,8 +296,8 @@ def _compute_piece(session_factory, store, cache: Path, model, row_id: str, toke
                      f"{row_id}: release")
         raise
     except BaseException as e:
-        _transaction(session_factory,
-                     lambda session: release_statistic(session, row_id, token, error=f"{type(e).__name__}: {e}"),
+        error = f"{type(e).__name__}: {e}"
+        _transaction(session_factory, lambda session: release_statistic(session, row_id, token, error=error),
                      retry_s, f"{row_id}: release")
         raise
     finally:
@@ -335,8 +335,9 @@ def merge_shards(session_factory, store, cache: Path, statistic_id: str, token: 
             stored = put_file(store, path, None, "statistics", "second_moment.safetensors",
                               "application/octet-stream")
     except BaseException as e:
-        _transaction(session_factory, lambda session: release_statistic(
-            session, statistic_id, token, error=f"merge: {type(e).__name__}: {e}"), retry_s, f"{statistic_id}: release")
+        error = f"merge: {type(e).__name__}: {e}"
+        _transaction(session_factory, lambda session: release_statistic(session, statistic_id, token, error=error),
+                     retry_s, f"{statistic_id}: release")
         raise
     finally:
         heartbeat.drop_statistic()

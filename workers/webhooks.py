@@ -30,8 +30,8 @@ from sqlalchemy import select, update
 
 from palimpsest.webhooks import SIGNATURE_HEADER, sign, url_problem
 from storage.db import session_scope
-from storage.models import ARTIFACT_NAMES, Artifact, Batch, Job, WebhookDelivery, utcnow
-from workers.batches import batch_json
+from storage.models import Artifact, Batch, Job, WebhookDelivery, utcnow
+from storage.resources import batch_json, iso_time, job_json
 
 log = logging.getLogger(__name__)
 
@@ -53,50 +53,19 @@ def backoff(settings, attempts: int) -> float:
     return min(MAX_BACKOFF_SECONDS, settings.webhook_retry_seconds * 2 ** (attempts - 1))
 
 
-def _time(value):
-    return value.isoformat() if value is not None else None
-
-
-def job_data(job: Job, artifacts: list[Artifact]) -> dict:
-    """The job resource with the fields of ``GET /v1/jobs/{id}`` (api.jobs.job_json);
-    artifact URLs are paths under the API's address, which the worker does not know."""
-    return {
-        "id": job.id,
-        "status": job.status,
-        "model": job.model_id,
-        "layer": job.layer,
-        "progress": {"phase": job.phase, "step": job.progress_step, "total": job.progress_total,
-                     "loss": job.progress_loss},
-        "created_at": _time(job.created_at),
-        "started_at": _time(job.started_at),
-        "finished_at": _time(job.finished_at),
-        "error": {"code": job.error_code, "message": job.error_message or ""} if job.error_code else None,
-        "metrics": job.metrics,
-        "artifacts": [{"name": a.name, "sha256": a.sha256, "size": a.size, "content_type": a.content_type,
-                       "url": f"/v1/jobs/{job.id}/artifacts/{a.name}"}
-                      for a in sorted(artifacts, key=lambda a: ARTIFACT_NAMES.index(a.name))],
-        "base_job": job.base_job_id,
-        "priority": job.priority,
-        "batch": job.batch_id,
-        "params": job.params,
-        "webhook": job.webhook_url,
-        "cancel_requested": job.cancel_requested,
-    }
-
-
 def payload(session, delivery: WebhookDelivery) -> dict | None:
     """The notice's JSON, or None when its job or batch no longer exists."""
     if delivery.event == "job.completed":
         job = session.get(Job, delivery.subject_id)
         if job is None:
             return None
-        data = job_data(job, list(session.scalars(select(Artifact).where(Artifact.job_id == job.id))))
+        data = job_json(job, list(session.scalars(select(Artifact).where(Artifact.job_id == job.id))))
     else:
         batch = session.get(Batch, delivery.subject_id)
         if batch is None:
             return None
         data = batch_json(batch)
-    return {"id": delivery.id, "type": delivery.event, "created_at": _time(delivery.created_at), "data": data}
+    return {"id": delivery.id, "type": delivery.event, "created_at": iso_time(delivery.created_at), "data": data}
 
 
 def _record(session_factory, delivery_id: str, **values) -> None:

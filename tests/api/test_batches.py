@@ -279,6 +279,8 @@ def test_show_and_list_are_the_tenants_own(app, client, alice, bob, model):
     assert client.get("/v1/batches?model=mdl_other", headers=alice.headers).json["batches"] == []
     assert client.get("/v1/batches?status=nope", headers=alice.headers).status_code == 422
     assert client.get("/v1/batches?limit=0", headers=alice.headers).status_code == 422
+    superscript = client.get("/v1/batches?limit=%C2%B2", headers=alice.headers)  # "²".isdigit() is True
+    assert superscript.status_code == 422 and superscript.json["error"]["field"] == "limit"
     assert client.get("/v1/batches?cursor=zzz", headers=alice.headers).status_code == 422
     members = client.get(f"/v1/jobs?batch={made[0]}", headers=alice.headers).json["jobs"]
     assert {j["batch"] for j in members} == {made[0]} and len(members) == 2

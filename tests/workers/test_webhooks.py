@@ -14,7 +14,8 @@ from storage.db import make_engine, make_session_factory, session_scope
 from storage.models import Artifact, Batch, Job, Model, Tenant, WebhookDelivery
 from webhook_receiver import Receiver
 from workers.batches import queue_webhook
-from workers.webhooks import MAX_BACKOFF_SECONDS, backoff, deliver, job_data
+from storage.resources import job_json as notice_json
+from workers.webhooks import MAX_BACKOFF_SECONDS, backoff, deliver
 
 SECRET = "test-secret"
 
@@ -223,7 +224,8 @@ def test_the_batch_notice_carries_the_batch(session_factory, tmp_path):
 
 
 def test_job_notice_has_the_fields_of_the_api_job(sqlite_url, tmp_path):
-    """workers.webhooks.job_data mirrors api.jobs.job_json (which needs Flask to build URLs)."""
+    """A job's notice (storage.resources.job_json, relative artifact URLs) is the API's job
+    (api.jobs.job_json, which asks Flask for absolute ones)."""
     from api import create_app
     from api.jobs import job_json
     from stack import embedded_stack
@@ -234,7 +236,7 @@ def test_job_notice_has_the_fields_of_the_api_job(sqlite_url, tmp_path):
     with session_scope(session_factory) as session, app.test_request_context():
         job = session.get(Job, job_id)
         artifacts = list(session.scalars(select(Artifact).where(Artifact.job_id == job_id)))
-        api_view, notice = job_json(job, artifacts), job_data(job, artifacts)
+        api_view, notice = job_json(job, artifacts), notice_json(job, artifacts)
     assert notice.keys() == api_view.keys()
     assert [a.keys() for a in notice["artifacts"]] == [a.keys() for a in api_view["artifacts"]]
     assert {k: v for k, v in notice.items() if k != "artifacts"} == {k: v for k, v in api_view.items()
