@@ -178,14 +178,15 @@ def applied(model, deltas):
                 params[name].copy_(value)
 
 
-def materialize(base_path, deltas, out_path):
+def materialize(base_path, deltas, out_path, base_sha256: str | None = None):
     """Write the base checkpoint with ``deltas`` applied; returns the new file's sha256.
 
     Only the edited layers' tensors differ from the base; the metadata is the base's
-    plus ``edits`` (JSON list of the deltas' sha256, in order) and ``base_sha256``.
+    plus ``edits`` (JSON list of the deltas' sha256, in order) and ``base_sha256``
+    (hashed here unless the caller already knows it, e.g. from a verified download).
     """
     state, meta = load_state(base_path)
-    base_sha = file_sha256(base_path)
+    base_sha = base_sha256 or file_sha256(base_path)
     state = apply_deltas(state, deltas, base_sha256=base_sha)
     meta = {**meta, "base_sha256": base_sha, "edits": json.dumps([d.sha256 for d in deltas])}
     save_state(state, out_path, meta)

@@ -33,12 +33,13 @@ def file_sha256(path) -> str:
 
 
 def put_file(store, path, tenant_id: str | None, kind: str, name: str,
-             content_type: str | None = None) -> StoredObject:
+             content_type: str | None = None, sha256: str | None = None) -> StoredObject:
     """Upload ``path`` to ``content_key(tenant_id, kind, <its sha256>, name)``.
 
-    The file is hashed first (the key needs the hash), then streamed; the store's own
-    hash of what it received must agree, or the upload is refused."""
-    sha256 = file_sha256(path)
+    The file is hashed first (the key needs the hash) unless the caller just wrote it and
+    knows its ``sha256``, then streamed; the store's own hash of what it received must
+    agree, or the upload is refused."""
+    sha256 = sha256 or file_sha256(path)
     key = content_key(tenant_id, kind, sha256, name)
     with open(path, "rb") as f:
         stored = store.put(key, f, content_type=content_type)

@@ -275,20 +275,23 @@ def run_claimed(session_factory, store, settings, lease, heartbeat, warm=None, s
     tenant = plan.job.tenant_id
     body = json.dumps(metrics, sort_keys=True, indent=2).encode()
 
-    def upload(put, source, kind, name, *content_type):
+    def upload(put, source, kind, name, *rest):  # rest: content type (and a put_file's known sha256)
         # content-addressed: an upload tried again writes the same bytes to the same key
-        return retry_call(lambda: put(store, source, tenant, kind, name, *content_type),
+        return retry_call(lambda: put(store, source, tenant, kind, name, *rest),
                           budget_s=settings.storage_retry_seconds, errors=STORE_ERRORS,
                           give_up=heartbeat.should_stop, what=f"job {lease.job_id}: upload {kind}")
 
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         checkpoint = Path(tmp) / "model.safetensors"
-        materialize(fetch(store, plan.base_key, cache, plan.base_sha256), [result.delta], checkpoint)
+        # fetch verified the base against plan.base_sha256, and materialize hashes what it
+        # wrote: a 14 MB checkpoint is hashed twice (here and by the store), not four times
+        checkpoint_sha256 = materialize(fetch(store, plan.base_key, cache, plan.base_sha256), [result.delta],
+                                        checkpoint, base_sha256=plan.base_sha256)
         uploads = [
             ("delta", upload(put_bytes, result.delta.to_bytes(), "delta", "delta.safetensors"),
              "application/octet-stream"),
-            ("checkpoint", upload(put_file, checkpoint, "checkpoint", "model.safetensors"),
-             "application/octet-stream"),
+            ("checkpoint", upload(put_file, checkpoint, "checkpoint", "model.safetensors",
+                                  "application/octet-stream", checkpoint_sha256), "application/octet-stream"),
             ("preview", upload(put_bytes, preview, "preview", "preview.png", "image/png"), "image/png"),
             ("metrics", upload(put_bytes, body, "metrics", "metrics.json", "application/json"),
              "application/json"),

@@ -164,10 +164,12 @@ def merge_group(session_factory, store, settings, tenant_id: str, plans: list, w
     body = json.dumps(report, sort_keys=True, indent=2).encode()
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         checkpoint = Path(tmp) / "model.safetensors"
-        materialize(fetch(store, base_key, cache, base_sha256), [result.delta], checkpoint)
+        checkpoint_sha256 = materialize(fetch(store, base_key, cache, base_sha256), [result.delta], checkpoint,
+                                        base_sha256=base_sha256)
         delta = put_bytes(store, result.delta.to_bytes(), tenant_id, "delta", "delta.safetensors",
                           "application/octet-stream")
-        stored = put_file(store, checkpoint, tenant_id, "checkpoint", "model.safetensors", "application/octet-stream")
+        stored = put_file(store, checkpoint, tenant_id, "checkpoint", "model.safetensors", "application/octet-stream",
+                          checkpoint_sha256)
         report_object = put_bytes(store, body, tenant_id, "merge_report", "merge_report.json", "application/json")
     log.info("merged %d rules at %s of %s: rank %d, loss %.4g -> %.4g", len(rules), layer, base_sha256[:12],
              result.rank, result.initial_loss, result.loss)
