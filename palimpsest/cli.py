@@ -270,6 +270,21 @@ def api_command(group, name):
     return decorate
 
 
+def echo_pages(fetch, key, cursor, all_pages, as_json, format_rows, command):
+    """Print a list route's page from ``cursor`` (or every page), as JSON or a table; the
+    command for the next page goes to stderr."""
+    found = []
+    while True:
+        page = fetch(cursor)
+        found += page[key]
+        cursor = page["next_cursor"]
+        if not all_pages or cursor is None:
+            break
+    click.echo(json.dumps({key: found, "next_cursor": cursor}, indent=2) if as_json else format_rows(found))
+    if cursor is not None and not as_json:
+        click.echo(f"more: {command} --cursor {cursor}", err=True)
+
+
 def json_object(value, what):
     try:
         obj = json.loads(value)
@@ -345,16 +360,8 @@ def jobs(client, status, model, batch, limit, cursor, all_pages, as_json):
     """List your jobs, newest first."""
     from palimpsest.client import format_jobs
 
-    found = []
-    while True:
-        page = client.jobs(status=status, model=model, batch=batch, limit=limit, cursor=cursor)
-        found += page["jobs"]
-        cursor = page["next_cursor"]
-        if not all_pages or cursor is None:
-            break
-    click.echo(json.dumps({"jobs": found, "next_cursor": cursor}, indent=2) if as_json else format_jobs(found))
-    if cursor is not None and not as_json:
-        click.echo(f"more: palimpsest jobs --cursor {cursor}", err=True)
+    echo_pages(lambda cursor: client.jobs(status=status, model=model, batch=batch, limit=limit, cursor=cursor),
+               "jobs", cursor, all_pages, as_json, format_jobs, "palimpsest jobs")
 
 
 @api_command(main, "show")
@@ -478,16 +485,8 @@ def list_batches(client, status, limit, cursor, all_pages, as_json):
     """List your batches, newest first."""
     from palimpsest.client import format_batches
 
-    found = []
-    while True:
-        page = client.batches(status=status, limit=limit, cursor=cursor)
-        found += page["batches"]
-        cursor = page["next_cursor"]
-        if not all_pages or cursor is None:
-            break
-    click.echo(json.dumps({"batches": found, "next_cursor": cursor}, indent=2) if as_json else format_batches(found))
-    if cursor is not None and not as_json:
-        click.echo(f"more: palimpsest batch list --cursor {cursor}", err=True)
+    echo_pages(lambda cursor: client.batches(status=status, limit=limit, cursor=cursor),
+               "batches", cursor, all_pages, as_json, format_batches, "palimpsest batch list")
 
 
 @api_command(batch, "show")
