@@ -5,18 +5,19 @@ A key reads ``plm_<prefix>_<secret>``. The database keeps only the key's sha256 
 checked before any view runs: a route added later is protected unless it is listed in
 ``PUBLIC_ENDPOINTS``. The request's tenant is then ``current_tenant_id()``.
 
-``create_key`` is what ``palimpsest keys create`` runs; it needs no Flask app.
+``create_key``, ``key_rows`` and ``revoke_key`` are what ``palimpsest keys create|list|revoke``
+run; they need no Flask app.
 """
 import hashlib
 import hmac
 import re
 import secrets
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from api.errors import Unauthorized
-from storage.models import ApiKey, Tenant
+from storage.models import ApiKey, Tenant, utcnow
 
 KEY_FORMAT = re.compile(r"^plm_([0-9a-f]{12})_[A-Za-z0-9_-]{43}$")
 # Blueprint endpoints that answer without a key: probes and the API's own description.
@@ -48,6 +49,25 @@ def create_key(session: Session, tenant_name: str, key_name: str | None = None) 
     session.add(row)
     session.flush()
     return key, row
+
+
+def key_rows(session: Session, tenant_name: str | None = None) -> list:
+    """(tenant name, prefix, name, created_at, revoked_at) of every key, or one tenant's."""
+    query = (select(Tenant.name.label("tenant"), ApiKey.prefix, ApiKey.name, ApiKey.created_at, ApiKey.revoked_at)
+             .join(Tenant, Tenant.id == ApiKey.tenant_id).order_by(Tenant.name, ApiKey.created_at))
+    if tenant_name is not None:
+        query = query.where(Tenant.name == tenant_name)
+    return list(session.execute(query))
+
+
+def revoke_key(session: Session, key_or_prefix: str) -> bool:
+    """Revoke a key named by the whole key, or by ``plm_<prefix>`` as ``keys list`` shows it
+    (or the bare 12-digit prefix); False when no live key matches. The API refuses it from
+    the next request on: keys are checked on every request, never cached."""
+    match = KEY_FORMAT.fullmatch(key_or_prefix)
+    prefix = match.group(1) if match else key_or_prefix.removeprefix("plm_")
+    return session.execute(update(ApiKey).where(ApiKey.prefix == prefix, ApiKey.revoked_at.is_(None))
+                           .values(revoked_at=utcnow())).rowcount == 1
 
 
 def tenant_for_key(session: Session, key: str) -> str | None:

@@ -6,6 +6,7 @@
     palimpsest reconcile               re-send what the broker lost (workers/reconcile.py), once
     palimpsest db upgrade              migrate the metadata database to the newest schema
     palimpsest keys create --tenant T  a new API key (printed once; only its sha256 is kept)
+    palimpsest keys list|revoke        the keys (prefixes only), and revoking one
     palimpsest models register-demo    register the bundled demo generator for every tenant
     palimpsest submit|jobs|show|cancel|download, models list|upload,
       batch submit|results|list|show|cancel
@@ -195,6 +196,25 @@ def downgrade(revision):
     click.echo(f"database at {revision}", err=True)
 
 
+def database_session():
+    """A session on the configured metadata database, for the operator's commands."""
+    from contextlib import contextmanager
+
+    from storage.db import make_engine, make_session_factory, session_scope
+
+    @contextmanager
+    def scope():
+        engine = make_engine(load_settings().database_url)
+        try:
+            with session_scope(make_session_factory(engine)) as session:
+                yield session
+        finally:
+            engine.dispose()
+
+    data_dir()
+    return scope()
+
+
 @main.group()
 def keys():
     """API keys."""
@@ -206,18 +226,39 @@ def keys():
 def create_key_command(tenant, name):
     """Print a new API key for TENANT. It is shown once: only its sha256 is stored."""
     from api.auth import create_key
-    from storage.db import make_engine, make_session_factory, session_scope
 
-    data_dir()
-    engine = make_engine(load_settings().database_url)
-    try:
-        with session_scope(make_session_factory(engine)) as session:
-            key, row = create_key(session, tenant, name)
-            tenant_id = row.tenant_id
-    finally:
-        engine.dispose()
+    with database_session() as session:
+        key, row = create_key(session, tenant, name)
+        tenant_id = row.tenant_id
     click.echo(f"new key for tenant {tenant} ({tenant_id}); it is not stored, keep it:", err=True)
     click.echo(key)
+
+
+@keys.command("list")
+@click.option("--tenant", default=None, help="Only this tenant's keys.")
+def list_keys_command(tenant):
+    """List keys: tenant, prefix, name, created, revoked. The keys themselves are not stored."""
+    from api.auth import key_rows
+
+    with database_session() as session:
+        rows = key_rows(session, tenant)
+    for row in rows:
+        revoked = f"revoked {row.revoked_at:%Y-%m-%d %H:%M}" if row.revoked_at else "live"
+        click.echo(f"{row.tenant}\tplm_{row.prefix}\t{row.name or '-'}\t{row.created_at:%Y-%m-%d %H:%M}\t{revoked}")
+
+
+@keys.command("revoke")
+@click.argument("key")
+def revoke_key_command(key):
+    """Revoke KEY (the whole key, or plm_<prefix> as `keys list` shows it): the API refuses
+    it from the next request on."""
+    from api.auth import revoke_key
+
+    with database_session() as session:
+        done = revoke_key(session, key)
+    if not done:
+        raise click.ClickException(f"no live key matches {key!r}")
+    click.echo(f"revoked {key[:16]}", err=True)
 
 
 @main.group()

@@ -115,6 +115,29 @@ def test_keys_create_command(app, client, config, monkeypatch):
     assert again.exit_code == 0 and len(tenant_ids) == 1 and names == {None, "ci"}
 
 
+def test_keys_list_and_revoke_commands(app, client, config, monkeypatch):
+    monkeypatch.setenv("PALIMPSEST_DATABASE_URL", config["PALIMPSEST_DATABASE_URL"])
+    monkeypatch.setenv("PALIMPSEST_DATA_DIR", config["PALIMPSEST_DATA_DIR"])
+    keys = [CliRunner().invoke(main, ["keys", "create", "--tenant", "erin", "--name", n]).stdout.strip()
+            for n in ("laptop", "ci")]
+    listed = CliRunner().invoke(main, ["keys", "list", "--tenant", "erin"])
+    assert listed.exit_code == 0, listed.output
+    lines = listed.stdout.splitlines()
+    assert [line.split("\t")[2] for line in lines] == ["laptop", "ci"]
+    assert all(line.endswith("live") for line in lines) and not any(k in listed.stdout for k in keys)
+    prefix = lines[0].split("\t")[1]  # plm_<12 hex>
+    assert keys[0].startswith(prefix + "_")
+
+    assert CliRunner().invoke(main, ["keys", "revoke", prefix]).exit_code == 0
+    assert client.get("/v1/jobs", headers={"Authorization": f"Bearer {keys[0]}"}).status_code == 401
+    assert client.get("/v1/jobs", headers={"Authorization": f"Bearer {keys[1]}"}).status_code == 200
+    assert CliRunner().invoke(main, ["keys", "revoke", keys[1]]).exit_code == 0  # the whole key works too
+    assert client.get("/v1/jobs", headers={"Authorization": f"Bearer {keys[1]}"}).status_code == 401
+    again = CliRunner().invoke(main, ["keys", "revoke", prefix])
+    assert again.exit_code == 1 and "no live key" in again.output
+    assert "revoked" in CliRunner().invoke(main, ["keys", "list", "--tenant", "erin"]).stdout
+
+
 def test_keys_are_checked_on_each_request_not_cached(app, client, alice):
     assert client.get("/v1/jobs", headers=alice.headers).status_code == 200
     with sessions(app) as session:
