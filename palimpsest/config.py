@@ -35,6 +35,9 @@ class Settings:
     # Workers: loaded models and statistics each worker process keeps in memory (LRU; 0: none).
     cache_models: int = 2
     cache_statistics: int = 16
+    # Workers: downloaded checkpoints and statistics kept on disk under <data_dir>/cache, in MiB;
+    # the least recently used go first once a task ends above it (0: never evicted).
+    cache_disk_mb: int = 20_480
     # API: largest checkpoint upload (streamed to the store, never held in memory), in bytes.
     max_upload_bytes: int = 8 * 1024**3
     # API: lifetime of the presigned S3 URLs that artifact downloads redirect to.
@@ -111,6 +114,7 @@ def load_settings(environ=None, **overrides) -> Settings:
         shard_samples=_positive_int(env, "PALIMPSEST_SHARD_SAMPLES", 2048),
         cache_models=_count(env, "PALIMPSEST_CACHE_MODELS", 2),
         cache_statistics=_count(env, "PALIMPSEST_CACHE_STATISTICS", 16),
+        cache_disk_mb=_count(env, "PALIMPSEST_CACHE_DISK_MB", 20_480),
         max_upload_bytes=_positive_int(env, "PALIMPSEST_MAX_UPLOAD_BYTES", 8 * 1024**3),
         presign_seconds=_positive_int(env, "PALIMPSEST_PRESIGN_SECONDS", 300),
         batch_max_lines=_positive_int(env, "PALIMPSEST_BATCH_MAX_LINES", 10_000),

@@ -61,6 +61,32 @@ def cache_dir(data_dir) -> Path:
     return path
 
 
+def prune_cache(cache: Path, max_bytes: int) -> list[Path]:
+    """Delete the least recently used files (by modification time, which ``fetch`` refreshes
+    on a hit) until ``cache`` holds at most ``max_bytes``; 0 keeps everything. Downloads in
+    progress (``.partial-*``) are left alone. Returns what was deleted."""
+    if max_bytes <= 0:
+        return []
+    files = []
+    with os.scandir(cache) as entries:
+        for entry in entries:
+            if entry.is_file(follow_symlinks=False) and not entry.name.startswith(".partial-"):
+                try:
+                    stat = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:  # pruned by another process meanwhile
+                    continue
+                files.append((stat.st_mtime, stat.st_size, Path(entry.path)))
+    total = sum(size for _, size, _ in files)
+    deleted = []
+    for _, size, path in sorted(files):
+        if total <= max_bytes:
+            break
+        path.unlink(missing_ok=True)
+        total -= size
+        deleted.append(path)
+    return deleted
+
+
 def fetch(store, key: str, cache: Path, sha256: str | None = None, suffix: str = ".safetensors") -> Path:
     """A local copy of the object at ``key``, in ``cache``.
 
@@ -70,8 +96,11 @@ def fetch(store, key: str, cache: Path, sha256: str | None = None, suffix: str =
     """
     name = sha256 or hashlib.sha256(key.encode()).hexdigest()
     path = Path(cache) / f"{name}{suffix}"
-    if path.exists():
+    try:
+        os.utime(path)  # a hit: the most recently used, last to be pruned
         return path
+    except FileNotFoundError:
+        pass
     fd, tmp = tempfile.mkstemp(dir=cache, prefix=".partial-")
     try:
         with os.fdopen(fd, "wb") as out, store.open(key) as stream:

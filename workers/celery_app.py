@@ -22,11 +22,12 @@ Queues: ``gpu`` (rewriting jobs; one worker process per GPU) and ``cpu``
   kombu's SQLAlchemy transport passes transport options to ``create_engine``, so
   none are set for the embedded broker.
 """
+import logging
 from dataclasses import fields
 from functools import cached_property
 from pathlib import Path
 
-from celery import Celery
+from celery import Celery, Task
 from kombu import Exchange, Queue
 
 from palimpsest.config import Settings
@@ -47,6 +48,26 @@ TASK_ROUTES = {
 # Modules a worker imports at start, registering their tasks (the API imports none of them).
 TASK_MODULES = ["workers.tasks", "workers.jobs", "workers.statistics", "workers.models", "workers.webhooks",
                 "workers.reconcile", "workers.merge"]
+
+
+log = logging.getLogger(__name__)
+
+
+class PalimpsestTask(Task):
+    """Every task of the app: once it has ended, the worker's disk cache is brought back
+    under ``PALIMPSEST_CACHE_DISK_MB`` (least recently used files first)."""
+
+    def after_return(self, status, retval, task_id, args, kwargs, einfo):
+        from workers.artifacts import cache_dir, prune_cache
+
+        settings = self.app.settings
+        try:
+            deleted = prune_cache(cache_dir(settings.data_dir), settings.cache_disk_mb * 1024**2)
+        except OSError:  # a full or read-only disk must not fail the task that just ended
+            log.warning("could not prune the disk cache", exc_info=True)
+            return
+        if deleted:
+            log.info("disk cache: deleted %d least recently used files", len(deleted))
 
 
 class PalimpsestCelery(Celery):
@@ -101,7 +122,7 @@ def broker_transport_options(settings: Settings) -> dict:
 
 def make_celery(settings: Settings) -> PalimpsestCelery:
     Path(settings.data_dir).mkdir(parents=True, exist_ok=True)  # the embedded broker's SQLite file lives there
-    celery = PalimpsestCelery(settings, main="palimpsest", include=TASK_MODULES)
+    celery = PalimpsestCelery(settings, main="palimpsest", include=TASK_MODULES, task_cls=PalimpsestTask)
     celery.conf.update(
         broker_url=settings.broker_url,
         broker_transport_options=broker_transport_options(settings),

@@ -82,3 +82,47 @@ def test_celery_command_app_needs_no_flask_and_matches_make_celery(tmp_path):
     expected = make_celery(load_settings(env)).conf
     assert result == {"flask": False, "torch": False, "broker": expected.broker_url, "queues": ["cpu", "gpu"],
                       "acks_late": True, "include": list(expected.include)}
+
+
+def test_the_disk_cache_is_pruned_least_recently_used_first(tmp_path):
+    import os
+
+    from workers.artifacts import prune_cache
+
+    for age, name in enumerate(["new", "middle", "old"]):
+        path = tmp_path / f"{name}.safetensors"
+        path.write_bytes(b"x" * 1000)
+        os.utime(path, (1_000_000 - age * 100, 1_000_000 - age * 100))
+    (tmp_path / ".partial-download").write_bytes(b"x" * 5000)  # a download in progress: never pruned
+    assert prune_cache(tmp_path, 0) == []  # 0: unbounded
+    assert prune_cache(tmp_path, 2500) == [tmp_path / "old.safetensors"]
+    assert prune_cache(tmp_path, 2500) == []
+    assert prune_cache(tmp_path, 1) == [tmp_path / "middle.safetensors", tmp_path / "new.safetensors"]
+    assert [p.name for p in tmp_path.iterdir()] == [".partial-download"]
+
+
+def test_a_cache_hit_counts_as_a_use_and_every_task_prunes(tmp_path):
+    import os
+
+    from storage.objects import open_store
+    from workers.artifacts import cache_dir, fetch, put_bytes
+    from workers.celery_app import make_celery
+
+    settings = load_settings({"PALIMPSEST_DATA_DIR": str(tmp_path), "PALIMPSEST_CACHE_DISK_MB": "1"})
+    store = open_store(settings.storage_url)
+    cache = cache_dir(settings.data_dir)
+    stored = [put_bytes(store, bytes([i]) * 400_000, "t", "models", "m.safetensors") for i in range(3)]
+    paths = [fetch(store, s.key, cache, s.sha256) for s in stored]
+    os.utime(paths[0], (1, 1))
+    os.utime(paths[1], (2, 2))
+    fetch(store, stored[0].key, cache, stored[0].sha256)  # a hit: now the newest
+
+    celery = make_celery(settings)
+
+    @celery.task(name="tests.noop")
+    def noop():
+        return None
+
+    noop.apply()  # eager, through the app's task class: after_return prunes
+    assert [p.exists() for p in paths] == [True, False, True]  # 1 MiB holds two: the least recent went
+    assert paths[0].read_bytes()[:1] == b"\x00"
