@@ -184,6 +184,30 @@ class Stack:
 
         return open_store(self.settings.storage_url, self.settings.s3_endpoint_url)
 
+    def register_demo(self) -> str:
+        """``palimpsest models register-demo``, in this process (torch is loaded here already:
+        the command's own start costs about 4 s): the demo model's id."""
+        from storage.db import make_engine, make_session_factory
+        from workers.models import register_demo
+
+        engine = make_engine(self.settings.database_url)
+        try:
+            return register_demo(make_session_factory(engine), self.store())
+        finally:
+            engine.dispose()
+
+    def create_key(self, tenant: str) -> str:
+        """``palimpsest keys create --tenant TENANT``, in this process: a new key."""
+        from api.auth import create_key
+        from storage.db import make_engine, make_session_factory, session_scope
+
+        engine = make_engine(self.settings.database_url)
+        try:
+            with session_scope(make_session_factory(engine)) as session:
+                return create_key(session, tenant)[0]
+        finally:
+            engine.dispose()
+
     def migrate(self) -> None:
         from storage.migrate import upgrade
 

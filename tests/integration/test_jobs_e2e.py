@@ -7,7 +7,6 @@ API cannot show (that a statistic was computed once).
 """
 import hashlib
 import json
-import subprocess
 import time
 from pathlib import Path
 
@@ -26,19 +25,13 @@ DEMO_WEIGHTS = ROOT / "demo" / "weights" / "generator.safetensors"
 FAST = {"samples": 256, "steps": 300}
 
 
-def cli(stack, *args: str) -> str:
-    done = subprocess.run(stack.palimpsest(*args), env=stack.env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    return done.stdout.strip()
-
-
 @pytest.fixture
 def service(stack):
     """The stack with an API server, the demo model registered, and two tenants' clients."""
-    model_id = cli(stack, "models", "register-demo")
+    model_id = stack.register_demo()  # the command itself: tests/integration/test_batches_e2e.py
     server = stack.start_server()
-    acme = Client(server.url, cli(stack, "keys", "create", "--tenant", "acme"))
-    globex = Client(server.url, cli(stack, "keys", "create", "--tenant", "globex"))
+    acme = Client(server.url, stack.create_key("acme"))
+    globex = Client(server.url, stack.create_key("globex"))
     return model_id, acme, globex
 
 

@@ -305,9 +305,9 @@ class Service:
         stack.variables.update({k: v for k, v in FAULT_ENV.items() if k not in stack.variables})
         stack.migrate()
         service = cls(stack)
-        service.model_id = cli(stack, "models", "register-demo")
+        service.model_id = stack.register_demo()
         service.server = stack.start_server()
-        service.client = Client(service.server.url, cli(stack, "keys", "create", "--tenant", "acme"), timeout=10)
+        service.client = Client(service.server.url, stack.create_key("acme"), timeout=10)
         service.start_workers(workers)
         if beat:
             service.start_beat()
