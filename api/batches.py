@@ -36,6 +36,7 @@ from api.errors import (
     ValidationError,
 )
 from api import pagination
+from api.inputs import known_only
 from api.jobs import MAX_WEBHOOK_URL, artifact_url, validate_job, validate_webhook
 from api.multipart import MultipartReader
 from api.pagination import PAGE_ARGS, page
@@ -95,9 +96,7 @@ def read_submission() -> tuple[dict, bytes, str]:
     limit = current_app.config["PALIMPSEST_BATCH_MAX_BYTES"]
     mimetype, header_options = parse_options_header(request.headers.get("Content-Type", ""))
     options = dict(request.args)
-    for name in options:
-        if name not in OPTIONS:
-            raise ValidationError(f"unknown query parameter; expected {', '.join(OPTIONS)}", field=name)
+    known_only(options, OPTIONS)
     if mimetype in JSONL_TYPES:
         if request.content_length is not None and request.content_length > limit:
             raise PayloadTooLarge(f"the batch is {request.content_length} bytes, over the limit of {limit} bytes "
@@ -262,9 +261,7 @@ def submit_batch():
 def list_batches():
     """Newest first; ``next_cursor`` is null on the last page."""
     args = request.args
-    for name in args:
-        if name not in LIST_FILTERS:
-            raise ValidationError(f"unknown query parameter; expected {', '.join(LIST_FILTERS)}", field=name)
+    known_only(args, LIST_FILTERS)
     query = select(Batch).where(Batch.tenant_id == current_tenant_id())
     if (status := args.get("status")) is not None:
         if status not in BATCH_STATUSES:

@@ -35,6 +35,22 @@ def json_problem(body) -> tuple[str, str] | None:
     return None
 
 
+def known_only(names, allowed, what: str = "query parameter") -> None:
+    """422 naming the first of ``names`` (query parameters, or a JSON body's fields) that is
+    not in ``allowed``: a misspelt filter must not silently widen a listing."""
+    for name in names:
+        if name not in allowed:
+            raise ValidationError(f"unknown {what}; expected {', '.join(allowed)}", field=name)
+
+
+def json_body() -> dict:
+    """The request's JSON body, which must be an object (400 otherwise)."""
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object")
+    return body
+
+
 class Request(flask.Request):
     """The app's request: a JSON body a view reads is checked as it is parsed, so a
     route that reads no body (a cancel) answers the same whatever body comes with it."""

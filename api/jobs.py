@@ -20,7 +20,6 @@ from api.auth import current_tenant_id
 from api.errors import (
     ApiError,
     ArtifactNotFound,
-    BadRequest,
     IdempotencyMismatch,
     InvalidEditRequest,
     JobFinished,
@@ -30,7 +29,7 @@ from api.errors import (
     ValidationError,
 )
 from api import pagination
-from api.inputs import json_problem
+from api.inputs import json_body, json_problem, known_only
 from api.models import visible_to
 from api.openapi import SECURED, error_responses
 from api.pagination import PAGE_ARGS, page
@@ -103,9 +102,7 @@ def validate_job(body, tenant_id: str) -> dict:
     ``ModelNotReady``. Nothing is written.
     """
     session = get_session()
-    for field in body:
-        if field not in JOB_FIELDS:
-            raise ValidationError(f"unknown field; expected one of {', '.join(JOB_FIELDS)}", field=field)
+    known_only(body, JOB_FIELDS, "field")
     if (problem := json_problem(body)) is not None:  # a batch line is not a request body: check it here too
         raise ValidationError(problem[1], field=problem[0])
 
@@ -209,9 +206,7 @@ def replay(job: Job, body_hash: str):
 
 @bp.post("/jobs")
 def submit_job():
-    body = request.get_json(silent=True)
-    if not isinstance(body, dict):
-        raise BadRequest("the body must be a JSON object")
+    body = json_body()
     tenant_id = current_tenant_id()
     key = idempotency_key()
     body_hash = request_hash(body)
@@ -249,9 +244,7 @@ def submit_job():
 def list_jobs():
     """Newest first; ``next_cursor`` is null on the last page."""
     args = request.args
-    for name in args:
-        if name not in LIST_FILTERS:
-            raise ValidationError(f"unknown query parameter; expected {', '.join(LIST_FILTERS)}", field=name)
+    known_only(args, LIST_FILTERS)
     query = select(Job).where(Job.tenant_id == current_tenant_id())
     if (status := args.get("status")) is not None:
         if status not in JOB_STATUSES:
@@ -290,9 +283,7 @@ def cancel_job(job_id):
 def job_events(job_id):
     """Every transition and progress milestone, by ``seq``; ``after`` skips those already seen."""
     job = get_job(job_id)
-    for name in request.args:
-        if name != "after":
-            raise ValidationError("unknown query parameter; expected after", field=name)
+    known_only(request.args, ("after",))
     after = request.args.get("after", "0")
     if not (after.isascii() and after.isdigit()) or int(after) > MAX_SEQ:  # "²".isdigit()
         raise ValidationError(f"must be an integer in [0, {MAX_SEQ}] (the last seq seen)", field="after")

@@ -19,7 +19,7 @@ from werkzeug.http import parse_options_header
 
 from api.auth import current_tenant_id
 from api.errors import BadRequest, InvalidCheckpoint, ModelNotFound, PayloadTooLarge, ValidationError
-from api.inputs import json_problem
+from api.inputs import json_body, json_problem, known_only
 from api.multipart import MultipartReader
 from api.openapi import SECURED, error_responses
 from api.tasks import INSPECT_MODEL, send_task
@@ -274,12 +274,8 @@ def upload(boundary: str | None) -> Model:
 
 def register() -> Model:
     """A checkpoint already in the store, inside the tenant's own prefix."""
-    body = request.get_json(silent=True)
-    if not isinstance(body, dict):
-        raise BadRequest("the body must be a JSON object")
-    for field in body:
-        if field not in REGISTER_FIELDS:
-            raise ValidationError(f"unknown field; expected {', '.join(REGISTER_FIELDS)}", field=field)
+    body = json_body()
+    known_only(body, REGISTER_FIELDS, "field")
     tenant_id = current_tenant_id()
     key = body.get("object_key")
     own_prefix = tenant_key(tenant_id, "_")[:-1]  # "tenants/<tenant_id>/"

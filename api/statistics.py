@@ -12,7 +12,8 @@ from flask import Blueprint, current_app, request
 from sqlalchemy import select
 
 from api.auth import current_tenant_id
-from api.errors import BadRequest, ModelNotReady, StatisticNotFound, UnknownLayer, ValidationError
+from api.errors import ModelNotReady, StatisticNotFound, UnknownLayer, ValidationError
+from api.inputs import json_body, known_only
 from api.models import visible_to
 from api.openapi import SECURED, error_responses
 from api.tasks import COMPUTE_STATISTIC, DEFAULT_PRIORITY, send_task
@@ -61,9 +62,7 @@ def statistic_json(stat: Statistic, model_id: str) -> dict:
 @bp.get("/statistics")
 def list_statistics():
     args = request.args
-    for name in args:
-        if name not in LIST_FILTERS:
-            raise ValidationError(f"unknown query parameter; expected {', '.join(LIST_FILTERS)}", field=name)
+    known_only(args, LIST_FILTERS)
     models = visible_models(current_tenant_id(), args.get("model"))
     query = select(Statistic).where(Statistic.model_sha256.in_(list(models)))
     if (layer := args.get("layer")) is not None:
@@ -89,12 +88,8 @@ def show_statistic(statistic_id):
 def precompute_statistic():
     """202 when a computation was queued (new row, or a failed one retried), 200 when the
     statistic is ready, or pending or computing already."""
-    body = request.get_json(silent=True)
-    if not isinstance(body, dict):
-        raise BadRequest("the body must be a JSON object")
-    for field in body:
-        if field not in STATISTIC_FIELDS:
-            raise ValidationError(f"unknown field; expected {', '.join(STATISTIC_FIELDS)}", field=field)
+    body = json_body()
+    known_only(body, STATISTIC_FIELDS, "field")
     session = get_session()
     model_id = body.get("model")
     if not isinstance(model_id, str) or not model_id:
