@@ -69,7 +69,7 @@ from workers.cache import WorkerCache
 from workers.device import resolve_device
 from workers.heartbeat import Heartbeat, worker_name
 from workers.params import split_params
-from workers.retry import STORE_ERRORS, retry_call
+from workers.retry import STORE_ERRORS, retry_call, retry_transaction
 from storage.statistics import sample_spec
 from workers.statistics import ensure_statistic, load_checkpoint, shard_sender
 
@@ -156,25 +156,25 @@ def process_job(session_factory, store, settings, job_id: str, owner: str | None
     (None: load everything afresh); ``send_shard``: sends a statistic shard's task."""
     ttl = settings.job_lease_seconds
 
-    def claim():
-        with session_scope(session_factory) as session:
-            return lifecycle.claim(session, job_id, owner or worker_name(), ttl, max_attempts=settings.job_max_attempts)
-
-    lease = retry_call(claim, budget_s=settings.db_retry_seconds, what=f"job {job_id}: claim")
+    lease = retry_transaction(
+        session_factory,
+        lambda session: lifecycle.claim(session, job_id, owner or worker_name(), ttl,
+                                        max_attempts=settings.job_max_attempts),
+        budget_s=settings.db_retry_seconds, what=f"job {job_id}: claim")
     if lease is None:
         return None
     with Heartbeat(session_factory, ttl, lease) as heartbeat:
         try:
             metrics, uploads = run_claimed(session_factory, store, settings, lease, heartbeat, warm, send_shard)
 
-            def succeed():
-                with session_scope(session_factory) as session:
-                    for name, stored, content_type in uploads:
-                        session.add(Artifact(job_id=job_id, name=name, object_key=stored.key, sha256=stored.sha256,
-                                             size=stored.size, content_type=content_type))
-                    lifecycle.finish(session, lease, "succeeded", metrics=metrics)
+            def succeed(session):
+                for name, stored, content_type in uploads:
+                    session.add(Artifact(job_id=job_id, name=name, object_key=stored.key, sha256=stored.sha256,
+                                         size=stored.size, content_type=content_type))
+                lifecycle.finish(session, lease, "succeeded", metrics=metrics)
 
-            retry_call(succeed, budget_s=settings.db_retry_seconds, what=f"job {job_id}: finish")
+            retry_transaction(session_factory, succeed, budget_s=settings.db_retry_seconds,
+                              what=f"job {job_id}: finish")
             return "succeeded"
         except lifecycle.LeaseLost:
             return None
@@ -205,12 +205,11 @@ def process_job(session_factory, store, settings, job_id: str, owner: str | None
 
 
 def _end(session_factory, settings, lease, status, code=None, message=None) -> str | None:
-    def end():
-        with session_scope(session_factory) as session:
-            lifecycle.finish(session, lease, status, error_code=code, error_message=message)
-
     try:
-        retry_call(end, budget_s=settings.db_retry_seconds, what=f"job {lease.job_id}: {status}")
+        retry_transaction(
+            session_factory, lambda session: lifecycle.finish(session, lease, status, error_code=code,
+                                                              error_message=message),
+            budget_s=settings.db_retry_seconds, what=f"job {lease.job_id}: {status}")
     except lifecycle.LeaseLost:
         return None
     return status
@@ -225,11 +224,8 @@ def run_claimed(session_factory, store, settings, lease, heartbeat, warm=None, s
             raise Cancelled(f"cancelled before {name}")
         progress.milestone(name, **fields)
 
-    def read_plan():
-        with session_scope(session_factory) as session:
-            return plan_job(session, lease.job_id, settings.stat_samples)
-
-    plan = retry_call(read_plan, budget_s=settings.db_retry_seconds, what=f"job {lease.job_id}: read")
+    plan = retry_transaction(session_factory, lambda session: plan_job(session, lease.job_id, settings.stat_samples),
+                             budget_s=settings.db_retry_seconds, what=f"job {lease.job_id}: read")
     request, options, layer = plan.request, plan.options, plan.job.layer
 
     phase("loading")

@@ -14,7 +14,8 @@ most ``budget_s`` seconds; then it raises the last error.
 - Object store (``STORE_ERRORS``): ``storage.objects.StorageUnavailable``, raised once
   botocore's own retries (a few seconds) are spent.
 
-What is retried must be safe to repeat: a whole ``session_scope`` transaction of
+``retry_transaction(session_factory, fn, ...)`` is the common case: ``fn(session)`` in
+one transaction, tried again whole. What is retried must be safe to repeat: a whole ``session_scope`` transaction of
 compare-and-set writes (``storage.lifecycle``), or a content-addressed upload.
 """
 import logging
@@ -22,6 +23,7 @@ import time
 
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
+from storage.db import session_scope
 from storage.objects import StorageUnavailable
 
 log = logging.getLogger(__name__)
@@ -60,3 +62,12 @@ def retry_call(fn, *, budget_s: float, what: str, errors=DB_ERRORS, give_up=None
         sleep(delay)
         delay = min(delay * 2, max_delay)
         attempt += 1
+
+
+def retry_transaction(session_factory, fn, *, budget_s: float, what: str, give_up=None):
+    """``fn(session)`` in one ``session_scope`` transaction, retried whole (``retry_call``)
+    while the database is away: ``fn`` must be a read or compare-and-set writes."""
+    def attempt():
+        with session_scope(session_factory) as session:
+            return fn(session)
+    return retry_call(attempt, budget_s=budget_s, what=what, give_up=give_up)

@@ -52,7 +52,7 @@ from sqlalchemy.orm import Session
 from storage.db import session_scope
 from storage.models import Artifact, Model, Statistic, StatisticShard, utcnow
 from storage.statistics import insert_statistic, parse_sample_spec
-from workers.retry import retry_call
+from workers.retry import retry_transaction
 
 log = logging.getLogger(__name__)
 
@@ -60,16 +60,6 @@ WAIT_POLL_SECONDS = 0.5
 BATCH_SIZE = 64  # images per forward pass; shards are whole batches
 COMPUTE_SHARD = "workers.statistics.compute_shard"
 SHARD_BROKER_PRIORITY = 0  # Redis serves 0 first: a free worker takes a shard before any queued job
-
-
-def _transaction(session_factory, fn, retry_s: float, what: str, give_up=None):
-    """``fn(session)`` in one transaction, tried again while the database is away for up to
-    ``retry_s`` seconds (``workers.retry``): minutes of forward passes are not thrown away
-    for a restart of PostgreSQL. Every ``fn`` here is a read or a compare-and-set."""
-    def attempt():
-        with session_scope(session_factory) as session:
-            return fn(session)
-    return retry_call(attempt, budget_s=retry_s, what=what, give_up=give_up)
 
 
 class StatisticUnavailable(Exception):
@@ -269,15 +259,41 @@ def _send(send_shard, shard_ids) -> None:
 
 # --- computing ---------------------------------------------------------------------------
 
+def _upload_moment(store, cache: Path, moment, kind: str, metadata: dict):
+    """Save ``moment`` (safetensors) and put it in the store under ``kind``; the StoredObject."""
+    from workers.artifacts import put_file
+
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        path = Path(tmp) / "second_moment.safetensors"
+        moment.save(path, metadata=metadata)
+        return put_file(store, path, None, kind, "second_moment.safetensors", "application/octet-stream")
+
+
+def _release(session_factory, row_id: str, token: int, retry_s: float, error: str | None = None) -> None:
+    retry_transaction(session_factory, lambda session: release_statistic(session, row_id, token, error=error),
+                      budget_s=retry_s, what=f"{row_id}: release")
+
+
+def _complete(session_factory, row_id: str, token: int, stored, count: int, retry_s: float) -> bool:
+    return retry_transaction(session_factory, lambda session: complete_statistic(session, row_id, token, stored, count),
+                             budget_s=retry_s, what=f"{row_id}: complete")
+
+
+def _read_statistic(session_factory, statistic_id: str, retry_s: float) -> Statistic:
+    return retry_transaction(session_factory,
+                             lambda session: session.get(Statistic, statistic_id, populate_existing=True),
+                             budget_s=retry_s, what=f"{statistic_id}: read")
+
+
 def _compute_piece(session_factory, store, cache: Path, model, row_id: str, token: int, layer: str,
                    seeds: range, model_sha256: str, heartbeat, progress, batch_size: int, kind: str,
                    retry_s: float = 0):
     """Compute the second moment over ``seeds`` under the lease (``row_id``, ``token``), upload
     it and mark the row ready. Returns the moment, or None when the lease was lost (someone
-    else finishes it). A cancel releases the row (pending), an error fails it; both raise."""
+    else finishes it). A cancel releases the row (pending), an error fails it; both raise.
+    Its database transactions are retried for ``retry_s`` while the database is away."""
     from rewriting.errors import Cancelled
     from rewriting.statistics import compute_second_moment
-    from workers.artifacts import put_file
 
     spec = f"seeds:{seeds.start}-{seeds.stop}"
     heartbeat.hold_statistic(row_id, token)
@@ -285,26 +301,18 @@ def _compute_piece(session_factory, store, cache: Path, model, row_id: str, toke
         moment = compute_second_moment(
             model, layer, f"{seeds.start}-{seeds.stop - 1}", batch_size=batch_size, progress=progress,
             should_stop=lambda: heartbeat.should_stop() or heartbeat.statistic_lost, model_sha256=model_sha256)
-        with tempfile.TemporaryDirectory(dir=cache) as tmp:
-            path = Path(tmp) / "second_moment.safetensors"
-            moment.save(path, metadata={"sample_spec": spec})
-            stored = put_file(store, path, None, kind, "second_moment.safetensors", "application/octet-stream")
+        stored = _upload_moment(store, cache, moment, kind, {"sample_spec": spec})
     except Cancelled:
         if heartbeat.statistic_lost and not heartbeat.should_stop():
             return None  # our lease expired and another worker took over
-        _transaction(session_factory, lambda session: release_statistic(session, row_id, token), retry_s,
-                     f"{row_id}: release")
+        _release(session_factory, row_id, token, retry_s)
         raise
     except BaseException as e:
-        error = f"{type(e).__name__}: {e}"
-        _transaction(session_factory, lambda session: release_statistic(session, row_id, token, error=error),
-                     retry_s, f"{row_id}: release")
+        _release(session_factory, row_id, token, retry_s, error=f"{type(e).__name__}: {e}")
         raise
     finally:
         heartbeat.drop_statistic()
-    done = _transaction(session_factory, lambda session: complete_statistic(session, row_id, token, stored,
-                                                                            moment.count),
-                        retry_s, f"{row_id}: complete")
+    done = _complete(session_factory, row_id, token, stored, moment.count, retry_s)
     log.info("computed %s over %s%s", row_id, spec, "" if done else " (lease lost: discarded)")
     return moment if done else None
 
@@ -315,11 +323,11 @@ def merge_shards(session_factory, store, cache: Path, statistic_id: str, token: 
     mark it ready, under the statistic's lease; the merged ``SecondMoment`` (on the CPU),
     or None when the lease was lost."""
     from rewriting.statistics import SecondMoment
-    from workers.artifacts import fetch, put_file
+    from workers.artifacts import fetch
 
-    stat, shards = _transaction(session_factory, lambda session: (
+    stat, shards = retry_transaction(session_factory, lambda session: (
         session.get(Statistic, statistic_id, populate_existing=True), shards_of(session, statistic_id)),
-        retry_s, f"{statistic_id}: read shards")
+        budget_s=retry_s, what=f"{statistic_id}: read shards")
     heartbeat.hold_statistic(statistic_id, token)
     try:
         total = None
@@ -329,21 +337,14 @@ def merge_shards(session_factory, store, cache: Path, statistic_id: str, token: 
         if total.metadata.get("seeds") != f"{shards[0].seed_start}-{shards[-1].seed_stop - 1}":
             raise RuntimeError(f"the shards of {statistic_id} cover {total.metadata.get('seeds')}, "
                                f"not {stat.sample_spec}")
-        with tempfile.TemporaryDirectory(dir=cache) as tmp:
-            path = Path(tmp) / "second_moment.safetensors"
-            total.save(path, metadata={"sample_spec": stat.sample_spec, "shards": str(len(shards))})
-            stored = put_file(store, path, None, "statistics", "second_moment.safetensors",
-                              "application/octet-stream")
+        stored = _upload_moment(store, cache, total, "statistics",
+                                {"sample_spec": stat.sample_spec, "shards": str(len(shards))})
     except BaseException as e:
-        error = f"merge: {type(e).__name__}: {e}"
-        _transaction(session_factory, lambda session: release_statistic(session, statistic_id, token, error=error),
-                     retry_s, f"{statistic_id}: release")
+        _release(session_factory, statistic_id, token, retry_s, error=f"merge: {type(e).__name__}: {e}")
         raise
     finally:
         heartbeat.drop_statistic()
-    done = _transaction(session_factory, lambda session: complete_statistic(session, statistic_id, token, stored,
-                                                                            total.count),
-                        retry_s, f"{statistic_id}: complete")
+    done = _complete(session_factory, statistic_id, token, stored, total.count, retry_s)
     log.info("merged %d shards into statistic %s", len(shards), statistic_id)
     return (total, stored) if done else None
 
@@ -386,8 +387,9 @@ def ensure_statistic(session_factory, store, cache: Path, model, model_sha256: s
         return stat, planned, next_step(session, stat, owner, ttl)
 
     while True:
-        stat, planned, step = _transaction(session_factory, look, retry_s, f"statistic {layer} {spec}: next step",
-                                           give_up=heartbeat.should_stop)
+        stat, planned, step = retry_transaction(session_factory, look, budget_s=retry_s,
+                                                what=f"statistic {layer} {spec}: next step",
+                                                give_up=heartbeat.should_stop)
         statistic_id = stat.id
         _send(send_shard, [s.id for s in planned])
         sent.update((s.id, 0) for s in planned)
@@ -410,9 +412,7 @@ def ensure_statistic(session_factory, store, cache: Path, model, model_sha256: s
                                     model_sha256, heartbeat, progress, batch_size, "statistics", retry_s)
             if moment is None:
                 continue  # lost the lease: whoever holds it now finishes; wait for it
-            stat = _transaction(session_factory, lambda session: session.get(Statistic, statistic_id,
-                                                                             populate_existing=True),
-                                retry_s, f"{statistic_id}: read")
+            stat = _read_statistic(session_factory, statistic_id, retry_s)
             warm.keep_statistic(stat.id, stat.sha256, moment)
             return moment, stat
         if step.action == "shard":
@@ -426,9 +426,7 @@ def ensure_statistic(session_factory, store, cache: Path, model, model_sha256: s
         merged = merge_shards(session_factory, store, cache, statistic_id, step.token, heartbeat, retry_s)
         if merged is None:
             continue
-        stat = _transaction(session_factory, lambda session: session.get(Statistic, statistic_id,
-                                                                         populate_existing=True),
-                            retry_s, f"{statistic_id}: read")
+        stat = _read_statistic(session_factory, statistic_id, retry_s)
         moment = merged[0].to(device)
         warm.keep_statistic(stat.id, stat.sha256, moment)
         return moment, stat
