@@ -25,6 +25,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -196,23 +197,18 @@ def downgrade(revision):
     click.echo(f"database at {revision}", err=True)
 
 
+@contextmanager
 def database_session():
-    """A session on the configured metadata database, for the operator's commands."""
-    from contextlib import contextmanager
-
+    """A transaction on the configured metadata database, for the operator's commands."""
     from storage.db import make_engine, make_session_factory, session_scope
 
-    @contextmanager
-    def scope():
-        engine = make_engine(load_settings().database_url)
-        try:
-            with session_scope(make_session_factory(engine)) as session:
-                yield session
-        finally:
-            engine.dispose()
-
     data_dir()
-    return scope()
+    engine = make_engine(load_settings().database_url)
+    try:
+        with session_scope(make_session_factory(engine)) as session:
+            yield session
+    finally:
+        engine.dispose()
 
 
 @main.group()
