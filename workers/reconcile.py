@@ -74,17 +74,21 @@ class Report:
     batches: dict = field(default_factory=dict)  # what workers.batches.sweep did, by kind
     broker_listed: bool = True  # False: the broker cannot be listed (queued jobs left alone)
 
+    @property
+    def batch_repairs(self) -> dict:
+        """What the sweep repaired (a routine recount of an open batch is not a repair)."""
+        return {kind: n for kind, n in self.batches.items() if n and kind != "refreshed"}
+
+    @property
+    def acted(self) -> bool:
+        return bool(self.resent_jobs or self.failed_jobs or self.resent_statistics or self.batch_repairs)
+
     def __str__(self):
-        repaired = ", ".join(f"{kind} {n}" for kind, n in self.batches.items() if n and kind != "refreshed")
+        repaired = ", ".join(f"{kind} {n}" for kind, n in self.batch_repairs.items())
         return (f"re-sent {len(self.resent_jobs)} jobs and {len(self.resent_statistics)} statistics; "
                 f"failed {len(self.failed_jobs)} jobs after too many attempts"
                 + (f"; batches: {repaired}" if repaired else "")
                 + ("" if self.broker_listed else " (the broker cannot be listed: queued jobs were not checked)"))
-
-    @property
-    def acted(self) -> bool:
-        return bool(self.resent_jobs or self.failed_jobs or self.resent_statistics
-                    or any(n for kind, n in self.batches.items() if kind != "refreshed"))
 
 
 # --- the broker ----------------------------------------------------------------------------
