@@ -6,7 +6,11 @@ in float32, one generator per seed. A latent therefore depends only on its own
 seed and ``z_dim``, never on the batch it is drawn in, the device or the order of
 seeds, so a statistic over seeds 0-9999 equals the merge of 0-4999 and 5000-9999.
 """
+import collections
 import re
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from typing import List
 
 import torch
 
@@ -22,15 +26,54 @@ def latent(seed, z_dim):
     return torch.randn(z_dim, generator=torch.Generator().manual_seed(int(seed)))
 
 
-def latents(seeds, z_dim):
-    """Latents of several seeds, stacked: FloatTensor[len(seeds), z_dim] on the CPU."""
-    seeds = list(seeds)
+def _draw(seeds: List[int], z_dim: int) -> torch.Tensor:
     out = torch.empty(len(seeds), z_dim)
     gen = torch.Generator()
-    for i, s in enumerate(seeds):
-        gen.manual_seed(int(s))
-        torch.randn(z_dim, generator=gen, out=out[i])
+    for i in range(len(seeds)):
+        gen.manual_seed(seeds[i])
+        out[i].normal_(0.0, 1.0, generator=gen)  # what randn does inside
     return out
+
+
+# Scripted, the loop runs without Python's interpreter lock: it is ~1.2x faster than
+# the same loop in Python, and threads drawing ahead (latent_batches) leave the
+# caller's thread free. TorchScript is deprecated but still the one way to run a loop
+# of torch calls outside the lock; the check against torch.randn is in the tests.
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    _draw = torch.jit.script(_draw)
+
+
+def latents(seeds, z_dim):
+    """Latents of several seeds, stacked: FloatTensor[len(seeds), z_dim] on the CPU."""
+    return _draw([int(s) for s in seeds], int(z_dim))
+
+
+def latent_batches(seeds, z_dim, batch_size, threads=0):
+    """Yield the latents of ``seeds`` batch by batch, in order.
+
+    Drawing costs ~4-10 µs of CPU a seed, which on a GPU is as long as the forward
+    pass it feeds; with ``threads`` > 0, that many threads draw up to two batches
+    each ahead, outside the interpreter lock, while the caller launches GPU work.
+    One thread draws ~250,000 seeds/s on an H100 host; more did not draw faster there.
+    """
+    seeds = list(seeds)
+    chunks = [seeds[i:i + batch_size] for i in range(0, len(seeds), batch_size)]
+    if threads <= 0 or len(chunks) < 2:
+        for chunk in chunks:
+            yield latents(chunk, z_dim)
+        return
+    with ThreadPoolExecutor(threads, thread_name_prefix="latents") as pool:
+        ahead = collections.deque(pool.submit(latents, c, z_dim) for c in chunks[:2 * threads])
+        try:
+            for following in chunks[2 * threads:] + [None] * len(ahead):
+                z = ahead.popleft().result()
+                if following is not None:
+                    ahead.append(pool.submit(latents, following, z_dim))
+                yield z
+        finally:
+            for future in ahead:
+                future.cancel()
 
 
 def parse_seeds(spec, field="seeds"):

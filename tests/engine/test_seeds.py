@@ -2,19 +2,28 @@ import pytest
 import torch
 
 from rewriting.errors import EditRequestError
-from rewriting.seeds import format_seeds, latent, latents, parse_seeds
+from rewriting.seeds import format_seeds, latent, latent_batches, latents, parse_seeds
 
 
-def test_latent_convention_is_one_generator_per_seed():
-    z = latents([3, 0, 7], 12)
+@pytest.mark.parametrize("z_dim", [12, 128])  # torch draws fewer than 16 normals another way
+def test_latent_convention_is_one_generator_per_seed(z_dim):
+    z = latents([3, 0, 7], z_dim)
     for row, s in zip(z, [3, 0, 7]):
-        assert torch.equal(row, torch.randn(12, generator=torch.Generator().manual_seed(s)))
+        assert torch.equal(row, torch.randn(z_dim, generator=torch.Generator().manual_seed(s)))
     assert z.dtype == torch.float32 and z.device.type == "cpu"
 
 
 def test_latent_does_not_depend_on_batch():
     assert torch.equal(latents(range(10), 8)[4:6], latents([4, 5], 8))
     assert torch.equal(latent(5, 8), latents([5], 8)[0])
+
+
+@pytest.mark.parametrize("threads", [0, 1, 3])
+@pytest.mark.parametrize("n", [1, 5, 23])
+def test_latent_batches_are_the_latents_in_order(threads, n):
+    batches = list(latent_batches(range(100, 100 + n), 16, 4, threads))
+    assert [len(b) for b in batches] == [len(range(i, min(i + 4, n))) for i in range(0, n, 4)]
+    assert torch.equal(torch.cat(batches), latents(range(100, 100 + n), 16))
 
 
 @pytest.mark.parametrize("spec, expected", [

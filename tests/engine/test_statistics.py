@@ -59,6 +59,13 @@ def test_statistics_are_deterministic_and_split_invariant():
     assert split.metadata["seeds"] == "0-39" and split.metadata["layer"] == "layer2"
 
 
+def test_latents_drawn_by_threads_give_the_same_statistic():
+    model = build("equalized").double()
+    here = compute_second_moment(model, "layer2", "0-39", batch_size=8, latent_threads=0)
+    threaded = compute_second_moment(model, "layer2", "0-39", batch_size=8, latent_threads=2)
+    assert torch.equal(here.moment, threaded.moment) and here.count == threaded.count
+
+
 def test_float32_model_split_agrees_to_float32_precision():
     model = build("equalized")
     one = compute_second_moment(model, "layer2", "0-39", batch_size=16)
