@@ -26,9 +26,8 @@ def latent(seed, z_dim):
     return torch.randn(z_dim, generator=torch.Generator().manual_seed(int(seed)))
 
 
-def _draw(seeds: List[int], z_dim: int) -> torch.Tensor:
+def _draw(seeds: List[int], z_dim: int, gen: torch.Generator) -> torch.Tensor:
     out = torch.empty(len(seeds), z_dim)
-    gen = torch.Generator()
     for i in range(len(seeds)):
         gen.manual_seed(seeds[i])
         out[i].normal_(0.0, 1.0, generator=gen)  # what randn does inside
@@ -46,7 +45,9 @@ with warnings.catch_warnings():
 
 def latents(seeds, z_dim):
     """Latents of several seeds, stacked: FloatTensor[len(seeds), z_dim] on the CPU."""
-    return _draw([int(s) for s in seeds], int(z_dim))
+    # The generator comes from here: one made inside the script is one object shared
+    # by every call, and threads drawing at once would race on it.
+    return _draw([int(s) for s in seeds], int(z_dim), torch.Generator())
 
 
 def latent_batches(seeds, z_dim, batch_size, threads=0):

@@ -1,3 +1,5 @@
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 import torch
 
@@ -24,6 +26,14 @@ def test_latent_batches_are_the_latents_in_order(threads, n):
     batches = list(latent_batches(range(100, 100 + n), 16, 4, threads))
     assert [len(b) for b in batches] == [len(range(i, min(i + 4, n))) for i in range(0, n, 4)]
     assert torch.equal(torch.cat(batches), latents(range(100, 100 + n), 16))
+
+
+def test_latents_drawn_by_threads_at_once_are_each_their_own():
+    starts = range(0, 4000, 200)
+    with ThreadPoolExecutor(4) as pool:
+        drawn = list(pool.map(lambda s: latents(range(s, s + 200), 128), starts))
+    for s, z in zip(starts, drawn):
+        assert torch.equal(z, torch.stack([latent(i, 128) for i in range(s, s + 200)]))
 
 
 @pytest.mark.parametrize("spec, expected", [
