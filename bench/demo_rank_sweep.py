@@ -1,0 +1,72 @@
+"""Dome to spire at one layer and several ranks, each next to its random-direction control.
+
+    python bench/demo_rank_sweep.py [--layer layer5] [--ranks 1,3] [--pairs 5] [--samples 500]
+
+For each rank r and each of the first ``--pairs`` dome_to_spire request pairs
+(demo/requests/eval/), the engine's edit (``run_edit`` with the request's params and
+``rank=r``) and the control: the same insert along r random key directions. Both are
+measured as bench/demo_eval.py measures them (edit success, pixel change and feature
+distance outside the domes) on ``--samples`` held-out images with a dome. Prints each
+pair and the mean ± standard deviation over pairs. Meant for a GPU (minutes there; hours
+on two CPU cores); the figures are in docs/demo.md.
+"""
+import argparse
+import statistics
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from demo.artifacts import GENERATOR_PATH, SEGMENTER_PATH, load_weights  # noqa: E402
+from demo.examples import load_eval_requests  # noqa: E402
+from demo_eval import STAT_SEEDS, HeldOut, measure  # noqa: E402
+from rewriting.delta import applied  # noqa: E402
+from rewriting.edit import run_edit  # noqa: E402
+from rewriting.insert import InsertConfig, insert  # noqa: E402
+from rewriting.layers import editable_layers  # noqa: E402
+from rewriting.requests import parse_request  # noqa: E402
+from rewriting.statistics import compute_second_moment  # noqa: E402
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layer", default="layer5")
+    parser.add_argument("--ranks", default="1,3")
+    parser.add_argument("--pairs", type=int, default=5)
+    parser.add_argument("--samples", type=int, default=500)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    G = load_weights(GENERATOR_PATH).to(args.device)
+    S = load_weights(SEGMENTER_PATH).to(args.device)
+    keys = {i.name: i for i in editable_layers(G)}[args.layer].key_channels
+    moment = compute_second_moment(G, args.layer, STAT_SEEDS, batch_size=500)
+    held = HeldOut(G, S, "dome_to_spire", args.samples)
+    print(f"{args.layer}, {len(held.seeds)} held-out images with a dome, device {args.device}", flush=True)
+    for rank in [int(r) for r in args.ranks.split(",")]:
+        rows = {"edit": [], "random": []}
+        for pair, raw in enumerate(load_eval_requests("dome_to_spire")[:args.pairs], 1):
+            request = parse_request(raw)
+            request = replace(request, params=replace(request.params, rank=rank))
+            result = run_edit(G, args.layer, request, moment)
+            t, p = result.targets, request.params
+            config = InsertConfig(method=p.method, steps=p.steps, lr=p.lr, plateau_patience=p.plateau_patience)
+            directions = torch.randn(rank, keys, generator=torch.Generator().manual_seed(pair)).to(args.device)
+            control = insert(G, args.layer, t.inputs, t.values, directions, config, kwargs=t.kwargs).delta("")
+            for name, delta in (("edit", result.delta), ("random", control)):
+                with applied(G, [delta]):
+                    figures, _ = measure("dome_to_spire", held, G, S)
+                rows[name].append(figures)
+                print(f"  rank {rank} pair {pair} {name:6s} " + "  ".join(f"{k} {v:.4f}" for k, v in figures.items()),
+                      flush=True)
+        for name, figures in rows.items():
+            summary = "  ".join(f"{k} {statistics.fmean(f[k] for f in figures):.4f} ± "
+                                f"{statistics.pstdev(f[k] for f in figures):.4f}" for k in figures[0])
+            print(f"rank {rank} {name:6s} {summary}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
