@@ -139,9 +139,11 @@ def make_celery(settings: Settings) -> PalimpsestCelery:
         task_serializer="json",
         accept_content=["json"],
         worker_prefetch_multiplier=1,
-        # Task events feed Flower's task list.
+        # Workers' task events feed Flower's task list. The API sends no task-sent event:
+        # it would cost a second Redis publish per submission (13% of the API's CPU per
+        # submission, docs/reliability.md), and queued jobs are listed by GET /v1/jobs.
         worker_send_task_events=True,
-        task_send_sent_event=True,
+        task_send_sent_event=False,
         # The beat (`palimpsest worker --beat`, or `palimpsest beat`): the reconciler, every
         # reconcile_interval_seconds (workers/reconcile.py).
         beat_schedule=reconcile_schedule(settings),
