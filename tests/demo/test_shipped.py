@@ -38,10 +38,12 @@ def test_generator_makes_64x64_images_and_has_the_agreed_layers(generator):
         images = generator(latents([0, 1], generator.z_dim))
     assert generator.z_dim == 128
     assert images.shape == (2, 3, 64, 64) and images.abs().max() <= 1
-    # Distinct latents, distinct images; the same latent, the same image.
+    # Distinct latents, distinct images; the same latent, the same image (up to float32
+    # rounding that depends on the batch: the CPU's convolution kernels differ for batches
+    # of 1 and 2, by 2.3e-5 on one of this machine's hosts, under 1e-5 on another).
     assert (images[0] - images[1]).abs().mean() > 0.01
     with torch.no_grad():
-        assert torch.allclose(generator(latents([1], generator.z_dim))[0], images[1], atol=1e-5)
+        assert torch.allclose(generator(latents([1], generator.z_dim))[0], images[1], atol=1e-4)
     sizes = {info.name: info.key_size for info in editable_layers(generator)}
     assert sizes["layer4"] == (8, 8) and sizes["layer6"] == (16, 16)
     assert generator.layer4.conv.weight_gain == pytest.approx(2 ** 0.5 / (256 * 9) ** 0.5)
