@@ -153,7 +153,7 @@ def compute_second_moment(model, layer, seeds, batch_size=64, progress=None, sho
     each batch; ``should_stop()`` is polled between batches (raises ``Cancelled``).
     ``latent_threads``: threads drawing latents ahead (``seeds.latent_batches``); by
     default one on CUDA, where drawing them in this thread would take as long as the
-    forward pass (more threads measured slower on an H100), and none on a CPU, whose
+    forward pass (more threads gained little on an H100), and none on a CPU, whose
     cores the forward pass already uses.
     """
     seeds = parse_seeds(seeds)
