@@ -48,8 +48,8 @@ from demo.artifacts import GENERATOR_PATH, SEGMENTER_PATH, load_weights  # noqa:
 from demo.examples import EDITS, load_eval_requests  # noqa: E402
 from demo.scenes import DOME, SPIRE, TREE  # noqa: E402
 from rewriting.delta import applied  # noqa: E402
-from rewriting.edit import edit_targets, run_edit  # noqa: E402
-from rewriting.insert import InsertConfig, insert  # noqa: E402
+from rewriting.edit import edit_targets, insert_config, run_edit  # noqa: E402
+from rewriting.insert import insert  # noqa: E402
 from rewriting.layers import Trace, editable_layers, get_module, sample_inputs  # noqa: E402
 from rewriting.metrics import edit_success, feature_distance, segment, unwanted_pixel_change  # noqa: E402
 from rewriting.render import generate, image_grid  # noqa: E402
@@ -220,8 +220,7 @@ def main(argv=None):
                 t = time.time()
                 result = run_edit(G, layer, request, moment)
                 targets = result.targets
-                config = InsertConfig(method=request.params.method, steps=request.params.steps,
-                                      lr=request.params.lr, plateau_patience=request.params.plateau_patience)
+                config = insert_config(request.params)
                 gen = torch.Generator().manual_seed(pair)
                 random_dir = torch.randn(1, infos[layer].key_channels, generator=gen)
                 conditions = {

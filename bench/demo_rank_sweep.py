@@ -25,8 +25,8 @@ from demo.artifacts import GENERATOR_PATH, SEGMENTER_PATH, load_weights  # noqa:
 from demo.examples import load_eval_requests  # noqa: E402
 from demo_eval import STAT_SEEDS, HeldOut, measure  # noqa: E402
 from rewriting.delta import applied  # noqa: E402
-from rewriting.edit import run_edit  # noqa: E402
-from rewriting.insert import InsertConfig, insert  # noqa: E402
+from rewriting.edit import insert_config, run_edit  # noqa: E402
+from rewriting.insert import insert  # noqa: E402
 from rewriting.layers import editable_layers  # noqa: E402
 from rewriting.requests import parse_request  # noqa: E402
 from rewriting.statistics import compute_second_moment  # noqa: E402
@@ -52,8 +52,7 @@ def main():
             request = parse_request(raw)
             request = replace(request, params=replace(request.params, rank=rank))
             result = run_edit(G, args.layer, request, moment)
-            t, p = result.targets, request.params
-            config = InsertConfig(method=p.method, steps=p.steps, lr=p.lr, plateau_patience=p.plateau_patience)
+            t, config = result.targets, insert_config(request.params)
             directions = torch.randn(rank, keys, generator=torch.Generator().manual_seed(pair)).to(args.device)
             control = insert(G, args.layer, t.inputs, t.values, directions, config, kwargs=t.kwargs).delta("")
             for name, delta in (("edit", result.delta), ("random", control)):

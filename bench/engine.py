@@ -15,7 +15,6 @@ Uses demo/weights/generator.safetensors when present, else the demo Generator
 architecture with random (untrained) weights.
 """
 import argparse
-import json
 import os
 import sys
 import time

@@ -143,6 +143,15 @@ def _params_field(error):
     return error
 
 
+def insert_config(params):
+    """The ``InsertConfig`` that an edit's ``EditParams`` ask for (``run_edit`` uses it; so
+    do the benchmarks' controls, which must optimize exactly as the edit does)."""
+    return InsertConfig(method=params.method, steps=params.steps, lr=params.lr,
+                        projection_interval=params.projection_interval, lr_scale=params.lr_scale,
+                        loss=params.loss, plateau_patience=params.plateau_patience,
+                        plateau_tolerance=params.plateau_tolerance)
+
+
 def run_edit(model, layer, request, moment, params=None, progress=None, should_stop=None, base_sha256=""):
     """Make one edit of ``model`` at ``layer`` and return it as an ``EditResult``.
 
@@ -191,10 +200,7 @@ def run_edit(model, layer, request, moment, params=None, progress=None, should_s
         directions = directions_from_keys(targets.context_keys, targets.context_weights, moment,
                                           rank=params.rank, method=params.key_method, field="context")
         phase("insert")
-        config = InsertConfig(method=params.method, steps=params.steps, lr=params.lr,
-                              projection_interval=params.projection_interval, lr_scale=params.lr_scale,
-                              loss=params.loss, plateau_patience=params.plateau_patience,
-                              plateau_tolerance=params.plateau_tolerance)
+        config = insert_config(params)
         report = None if progress is None else (lambda step, loss: progress("insert", step, loss))
         result = insert(model, layer, targets.inputs, targets.values, directions, config,
                         kwargs=targets.kwargs, progress=report, should_stop=should_stop)

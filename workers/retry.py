@@ -15,8 +15,9 @@ most ``budget_s`` seconds; then it raises the last error.
   botocore's own retries (a few seconds) are spent.
 
 ``retry_transaction(session_factory, fn, ...)`` is the common case: ``fn(session)`` in
-one transaction, tried again whole. What is retried must be safe to repeat: a whole ``session_scope`` transaction of
-compare-and-set writes (``storage.lifecycle``), or a content-addressed upload.
+one transaction, tried again whole. What is retried must be safe to repeat: a whole
+``session_scope`` transaction of compare-and-set writes (``storage.lifecycle``), or a
+content-addressed upload.
 """
 import logging
 import time
