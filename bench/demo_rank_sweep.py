@@ -1,19 +1,21 @@
 """Dome to spire at one layer and several ranks, each next to its random-direction control.
 
-    python bench/demo_rank_sweep.py [--layer layer5] [--ranks 1,3] [--pairs 5] [--samples 500]
+    python bench/demo_rank_sweep.py [--layer layer5] [--ranks 1,3] [--pairs 5] [--samples 500] \
+        [--param key_method=\"svd\" ...]
 
 For each rank r and each of the first ``--pairs`` dome_to_spire request pairs
 (demo/requests/eval/), the engine's edit (``run_edit`` with the request's params and
 ``rank=r``) and the control: the same insert along r random key directions. Both are
 measured as bench/demo_eval.py measures them (edit success, pixel change and feature
-distance outside the domes) on ``--samples`` held-out images with a dome. Prints each
+distance outside the domes) on ``--samples`` held-out images with a dome. ``--param
+NAME=JSON`` overrides another of the requests' hyperparameters for every run. Prints each
 pair and the mean ± standard deviation over pairs. Meant for a GPU (minutes there; hours
 on two CPU cores); the figures are in docs/demo.md.
 """
 import argparse
+import json
 import statistics
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -38,19 +40,22 @@ def main():
     parser.add_argument("--ranks", default="1,3")
     parser.add_argument("--pairs", type=int, default=5)
     parser.add_argument("--samples", type=int, default=500)
+    parser.add_argument("--param", action="append", default=[], metavar="NAME=JSON",
+                        help="another hyperparameter for every run, e.g. --param loss='\"mse\"'")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
+    overrides = {name: json.loads(value) for name, value in (item.split("=", 1) for item in args.param)}
     G = load_weights(GENERATOR_PATH).to(args.device)
     S = load_weights(SEGMENTER_PATH).to(args.device)
     keys = {i.name: i for i in editable_layers(G)}[args.layer].key_channels
     moment = compute_second_moment(G, args.layer, STAT_SEEDS, batch_size=500)
     held = HeldOut(G, S, "dome_to_spire", args.samples)
-    print(f"{args.layer}, {len(held.seeds)} held-out images with a dome, device {args.device}", flush=True)
+    print(f"{args.layer}, {len(held.seeds)} held-out images with a dome, device {args.device}, "
+          f"params {overrides or 'as requested'}", flush=True)
     for rank in [int(r) for r in args.ranks.split(",")]:
         rows = {"edit": [], "random": []}
         for pair, raw in enumerate(load_eval_requests("dome_to_spire")[:args.pairs], 1):
-            request = parse_request(raw)
-            request = replace(request, params=replace(request.params, rank=rank))
+            request = parse_request(raw, {**overrides, "rank": rank})
             result = run_edit(G, args.layer, request, moment)
             t, config = result.targets, insert_config(request.params)
             directions = torch.randn(rank, keys, generator=torch.Generator().manual_seed(pair)).to(args.device)

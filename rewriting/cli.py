@@ -12,6 +12,8 @@ import click
 
 DEVICE = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
                       envvar="PALIMPSEST_DEVICE", help="Where to run: auto picks CUDA when present.")
+BATCH_SIZE = click.option("--batch-size", type=click.IntRange(1),
+                          help="Images per forward pass of the statistic (default: 256 on CUDA, 64 on a CPU).")
 MODEL = click.option("--model", "model_path", required=True, type=click.Path(exists=True, dir_okay=False),
                      help="Generator checkpoint (safetensors, saved by rewriting.checkpoint.save_model).")
 
@@ -86,7 +88,7 @@ def _compute_moment(model, layer, samples, batch_size, model_sha256):
               help="Override a hyperparameter, e.g. --param rank=2 --param lr=0.01 (JSON values).")
 @click.option("--preview", "preview_path", type=click.Path(dir_okay=False),
               help="Write a PNG: the request's images before (top row) and after (bottom row).")
-@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1))
+@BATCH_SIZE
 @DEVICE
 @_engine_errors
 def edit(model_path, layer, request_path, out_path, delta_path, stats_path, samples, param_items, preview_path,
@@ -164,7 +166,7 @@ def _params(items):
 @click.option("--samples", required=True, type=click.IntRange(1), help="Number of images: seeds 0..N-1.")
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False),
               help="Where to write the statistic (safetensors).")
-@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1))
+@BATCH_SIZE
 @DEVICE
 @_engine_errors
 def stats(model_path, layer, samples, out_path, batch_size, device):

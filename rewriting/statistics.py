@@ -22,6 +22,17 @@ from rewriting.seeds import format_seeds, latent_batches, parse_seeds
 FORMAT = "palimpsest.second_moment/1"
 
 
+def default_batch_size(device) -> int:
+    """Images per forward pass when none is asked for: 256 on CUDA, 64 elsewhere.
+
+    On a GPU a small batch leaves it waiting on kernel launches: on an H100 the forward
+    pass to a middle layer of the demo generator took about as long for 64 images as for
+    256 (docs/benchmarks.md). On a CPU the pass is compute-bound at any batch, and 64 keeps
+    the keys of a large layer in a few hundred MB.
+    """
+    return 256 if torch.device(device).type == "cuda" else 64
+
+
 class SecondMoment:
     """Running count, sum and sum of outer products of key vectors (float64)."""
 
@@ -144,22 +155,25 @@ class SecondMoment:
         return out
 
 
-def compute_second_moment(model, layer, seeds, batch_size=64, progress=None, should_stop=None,
+def compute_second_moment(model, layer, seeds, batch_size=None, progress=None, should_stop=None,
                           model_sha256=None, latent_threads=None):
     """The second moment of ``layer``'s keys over the latents of ``seeds``.
 
     Each batch runs the model only up to the layer's keys (``Trace(stop="keys")``)
-    and adds them with one matmul (see ``SecondMoment.update``). ``progress(done, total)`` is called after
-    each batch; ``should_stop()`` is polled between batches (raises ``Cancelled``).
+    and adds them with one matmul (see ``SecondMoment.update``). ``batch_size``: images
+    per pass (None: ``default_batch_size`` of the model's device). ``progress(done, total)``
+    is called after each batch; ``should_stop()`` is polled between batches (raises ``Cancelled``).
     ``latent_threads``: threads drawing latents ahead (``seeds.latent_batches``); by
     default one on CUDA, where drawing them in this thread would take as long as the
     forward pass (more threads gained little on an H100), and none on a CPU, whose
     cores the forward pass already uses.
     """
     seeds = parse_seeds(seeds)
+    device, dtype = model_device(model), model_dtype(model)
+    if batch_size is None:
+        batch_size = default_batch_size(device)
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError("batch_size must be a positive int")
-    device, dtype = model_device(model), model_dtype(model)
     if latent_threads is None:
         latent_threads = 1 if device.type == "cuda" else 0
     stat = None

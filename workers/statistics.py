@@ -57,7 +57,10 @@ from workers.retry import retry_transaction
 log = logging.getLogger(__name__)
 
 WAIT_POLL_SECONDS = 0.5
-BATCH_SIZE = 64  # images per forward pass; shards are whole batches
+# Shards are whole batches of the statistic (images per forward pass: 64 on a CPU, 256 on
+# CUDA, rewriting.statistics.default_batch_size): sizes are rounded up to a multiple of 64,
+# and the default shard_samples (2048) is a multiple of 256 too.
+SHARD_MULTIPLE = 64
 COMPUTE_SHARD = "workers.statistics.compute_shard"
 SHARD_BROKER_PRIORITY = 0  # Redis serves 0 first: a free worker takes a shard before any queued job
 
@@ -149,15 +152,15 @@ def release_statistic(session: Session, row_id: str, token: int, error: str | No
 
 # --- shards ---------------------------------------------------------------------------------
 
-def shard_ranges(seeds: range, shard_samples: int, batch_size: int = BATCH_SIZE) -> list[range]:
+def shard_ranges(seeds: range, shard_samples: int, multiple: int = SHARD_MULTIPLE) -> list[range]:
     """The seed ranges of the shards: ``shard_samples`` rounded up to whole batches, so that
     each shard's batches are exactly the batches of the one-piece computation."""
-    size = -(-shard_samples // batch_size) * batch_size
+    size = -(-shard_samples // multiple) * multiple
     return [range(start, min(start + size, seeds.stop)) for start in range(seeds.start, seeds.stop, size)]
 
 
 def plan_shards(session: Session, stat: Statistic, shard_samples: int,
-                batch_size: int = BATCH_SIZE, now: datetime | None = None) -> list[StatisticShard]:
+                multiple: int = SHARD_MULTIPLE, now: datetime | None = None) -> list[StatisticShard]:
     """Split ``stat`` into shards if it is large and nobody decided yet; the shards created
     (to send), or [] (small, decided already, ready, or computed whole under a live lease).
 
@@ -166,7 +169,7 @@ def plan_shards(session: Session, stat: Statistic, shard_samples: int,
     now = now or utcnow()
     if stat.shard_count is not None or stat.status == "ready":
         return []
-    ranges = shard_ranges(parse_sample_spec(stat.sample_spec), shard_samples, batch_size)
+    ranges = shard_ranges(parse_sample_spec(stat.sample_spec), shard_samples, multiple)
     if len(ranges) < 2:
         return []
     won = session.execute(
@@ -286,7 +289,7 @@ def _read_statistic(session_factory, statistic_id: str, retry_s: float) -> Stati
 
 
 def _compute_piece(session_factory, store, cache: Path, model, row_id: str, token: int, layer: str,
-                   seeds: range, model_sha256: str, heartbeat, progress, batch_size: int, kind: str,
+                   seeds: range, model_sha256: str, heartbeat, progress, batch_size: int | None, kind: str,
                    retry_s: float = 0):
     """Compute the second moment over ``seeds`` under the lease (``row_id``, ``token``), upload
     it and mark the row ready. Returns the moment, or None when the lease was lost (someone
@@ -350,7 +353,7 @@ def merge_shards(session_factory, store, cache: Path, statistic_id: str, token: 
 
 
 def ensure_statistic(session_factory, store, cache: Path, model, model_sha256: str, layer: str, spec: str,
-                     owner: str, ttl: float, heartbeat, progress=None, batch_size: int = BATCH_SIZE,
+                     owner: str, ttl: float, heartbeat, progress=None, batch_size: int | None = None,
                      statistic_id: str | None = None, shard_samples: int | None = None, warm=None,
                      send_shard=None, retry_s: float = 0):
     """The ready statistic of (``model_sha256``, ``layer``, ``spec``), as ``(SecondMoment, Statistic)``.
@@ -363,7 +366,8 @@ def ensure_statistic(session_factory, store, cache: Path, model, model_sha256: s
     ``heartbeat`` (workers.heartbeat.Heartbeat) keeps the caller's own lease alive meanwhile
     and renews the lease this worker holds; its ``should_stop()`` (a cancel, a lost job
     lease) raises ``Cancelled``, polled while waiting and between batches.
-    ``progress(done, total)`` follows the computation (images). Its database transactions
+    ``progress(done, total)`` follows the computation (images); ``batch_size``: images per
+    forward pass (None: the engine's default for the model's device). Its database transactions
     are tried again while the database is away, for up to ``retry_s`` seconds each.
     """
     from rewriting.errors import Cancelled
@@ -559,7 +563,7 @@ def process_shard(session_factory, store, settings, shard_id: str, owner: str | 
             raise
         moment = _compute_piece(session_factory, store, cache, model, shard.id, step.token, stat.layer,
                                 range(shard.seed_start, shard.seed_stop), stat.model_sha256, heartbeat, None,
-                                BATCH_SIZE, "statistic_shards", settings.db_retry_seconds)
+                                None, "statistic_shards", settings.db_retry_seconds)
         if moment is None:
             return None
         with session_scope(session_factory) as session:

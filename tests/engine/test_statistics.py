@@ -4,7 +4,7 @@ import torch
 from rewriting.errors import Cancelled, CheckpointError, IncompatibleError
 from rewriting.layers import Trace, flat_keys
 from rewriting.seeds import latents
-from rewriting.statistics import SecondMoment, compute_second_moment
+from rewriting.statistics import SecondMoment, compute_second_moment, default_batch_size
 from tests.engine.tiny_models import build
 
 
@@ -57,6 +57,17 @@ def test_statistics_are_deterministic_and_split_invariant():
     assert torch.allclose(one.moment, again.moment, rtol=1e-12, atol=1e-9)
     assert torch.allclose(one.moment, split.moment, rtol=1e-12, atol=1e-9)
     assert split.metadata["seeds"] == "0-39" and split.metadata["layer"] == "layer2"
+
+
+def test_the_default_batch_follows_the_device():
+    # a GPU is launch-bound below a few hundred images a batch (docs/benchmarks.md)
+    assert default_batch_size("cuda") == default_batch_size(torch.device("cuda", 0)) == 256
+    assert default_batch_size("cpu") == 64
+    model = build("equalized")
+    default = compute_second_moment(model, "layer2", "0-79")
+    assert torch.equal(default.moment, compute_second_moment(model, "layer2", "0-79", batch_size=64).moment)
+    with pytest.raises(ValueError, match="batch_size"):
+        compute_second_moment(model, "layer2", "0-9", batch_size=0)
 
 
 def test_latents_drawn_by_threads_give_the_same_statistic():

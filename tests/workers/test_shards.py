@@ -18,7 +18,7 @@ from storage.statistics import insert_statistic, parse_sample_spec, sample_spec
 from workers.cache import WorkerCache
 from workers.jobs import process_job
 from workers.statistics import (
-    BATCH_SIZE,
+    SHARD_MULTIPLE,
     claim_merge,
     claim_statistic,
     next_step,
@@ -90,7 +90,7 @@ def test_shard_ranges_are_whole_batches_covering_the_seeds(samples, shard, sizes
     ranges = shard_ranges(seeds, shard)
     assert [len(r) for r in ranges] == sizes
     assert [s for r in ranges for s in r] == list(seeds)
-    assert all(len(r) % BATCH_SIZE == 0 for r in ranges[:-1])
+    assert all(len(r) % SHARD_MULTIPLE == 0 for r in ranges[:-1])
 
 
 def test_small_statistics_stay_whole(sharded, tiny_model):
