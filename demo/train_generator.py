@@ -202,11 +202,14 @@ def main(argv=None):
     parser.add_argument("--init-generator", help="a generator.safetensors to start G from (fresh D)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--iterations", type=int, help="override the config's iteration count")
+    parser.add_argument("--batch-size", type=int, help="override the config's batch size")
     parser.add_argument("--max-seconds", type=float, help="stop (and save) after this much wall-clock time")
     args = parser.parse_args(argv)
     cfg = CONFIGS[args.config]
     if args.iterations is not None:
         cfg = replace(cfg, iterations=args.iterations)
+    if args.batch_size is not None:
+        cfg = replace(cfg, batch_size=args.batch_size)
     if args.max_seconds is not None:
         cfg = replace(cfg, max_seconds=args.max_seconds)
     train(cfg, args.out, pick_device(args.device), resume=args.resume, init_generator=args.init_generator)
