@@ -73,21 +73,8 @@ def bench_statistics(model, layer, n, batch):
     seeds = list(range(n))
     z_all = latents(seeds, model.z_dim).to(device)
 
-    def bare():
-        with Trace(model, layer, stop="keys") as tr, torch.no_grad():
-            for i in range(0, n, batch):
-                try:
-                    model(z_all[i:i + batch])
-                except StopForward:
-                    pass
-        return tr
-
-    def full():
-        with torch.no_grad():
-            for i in range(0, n, batch):
-                model(z_all[i:i + batch])
-
-    def with_update():
+    def bare(add=False):
+        """The floor's loop; with ``add``, each batch's keys also go into a SecondMoment."""
         stat = None
         with Trace(model, layer, stop="keys") as tr, torch.no_grad():
             for i in range(0, n, batch):
@@ -95,9 +82,15 @@ def bench_statistics(model, layer, n, batch):
                     model(z_all[i:i + batch])
                 except StopForward:
                     pass
-                stat = stat or SecondMoment(tr.keys.shape[1], device)
-                stat.update(tr.keys)
-        return stat
+                if add:
+                    stat = stat or SecondMoment(tr.keys.shape[1], device)
+                    stat.update(tr.keys)
+        return tr
+
+    def full():
+        with torch.no_grad():
+            for i in range(0, n, batch):
+                model(z_all[i:i + batch])
 
     def latents_only():
         for i in range(0, n, batch):
@@ -110,7 +103,7 @@ def bench_statistics(model, layer, n, batch):
         return compute_second_moment(model, layer, seeds, batch_size=batch, latent_threads=0)
 
     t_bare, t_full, t_upd, t_lat, t_stat, t_here = timed(
-        [bare, full, with_update, latents_only, stats, stats_here], device)
+        [bare, full, lambda: bare(add=True), latents_only, stats, stats_here], device)
     keys = bare().keys
     print(f"\n== statistics: layer {layer}, keys {tuple(keys.shape[1:])}, {n} samples, batch {batch}")
     for name, t in [("full forward pass", t_full), ("bare forward to the keys (floor)", t_bare),
