@@ -24,13 +24,12 @@ from api.errors import (
     InvalidEditRequest,
     JobFinished,
     JobNotFound,
-    ModelNotReady,
     UnknownLayer,
     ValidationError,
 )
 from api import pagination
 from api.inputs import json_body, json_problem, known_only
-from api.models import visible_to
+from api.models import ReadyModel, ready_model
 from api.openapi import SECURED, error_responses
 from api.pagination import PAGE_ARGS, page
 from api.tasks import DEFAULT_PRIORITY, MAX_PRIORITY, RUN_JOB, send_task
@@ -40,7 +39,7 @@ from rewriting.errors import UnknownLayer as EngineUnknownLayer
 from rewriting.requests import check_layer, check_rank, parse_request
 from storage import lifecycle
 from storage.db import get_session
-from storage.models import ARTIFACT_NAMES, JOB_PHASES, JOB_STATUSES, Artifact, Job, JobEvent, Model
+from storage.models import ARTIFACT_NAMES, JOB_PHASES, JOB_STATUSES, Artifact, Job, JobEvent
 from storage.objects import CHUNK_SIZE, ObjectNotFound
 from storage import resources
 from storage.resources import iso_time
@@ -101,7 +100,6 @@ def validate_job(body, tenant_id: str) -> dict:
     Raises a 422 ``ValidationError`` (or subclass) naming the field, or 409
     ``ModelNotReady``. Nothing is written.
     """
-    session = get_session()
     known_only(body, JOB_FIELDS, "field")
     if (problem := json_problem(body)) is not None:  # a batch line is not a request body: check it here too
         raise ValidationError(problem[1], field=problem[0])
@@ -109,12 +107,7 @@ def validate_job(body, tenant_id: str) -> dict:
     model_id = body.get("model")
     if not isinstance(model_id, str) or not model_id:
         raise ValidationError("is required: the id of a model (GET /v1/models)", field="model")
-    model = session.scalar(select(Model).where(Model.id == model_id, visible_to(tenant_id)))
-    if model is None:  # another tenant's model reads exactly like a missing one
-        raise ValidationError(f"no model {model_id!r}", field="model")
-    if model.status != "ready":
-        detail = f": {model.error}" if model.error else " (it is still being inspected)"
-        raise ModelNotReady(f"model {model.id} is {model.status}{detail}", field="model")
+    model = ready_model(model_id, tenant_id)
 
     if "request" not in body:
         raise InvalidEditRequest("is required: the edit (native or original rewriting format)", field="request")
@@ -165,7 +158,7 @@ def validate_job(body, tenant_id: str) -> dict:
                 base_job_id=base_job_id, priority=priority, webhook_url=webhook)
 
 
-def validate_base(base, tenant_id: str, model: Model) -> str:
+def validate_base(base, tenant_id: str, model: ReadyModel) -> str:
     """A chained edit starts from a succeeded job of this tenant on the same model."""
     if not isinstance(base, dict) or set(base) != {"job"} or not isinstance(base["job"], str):
         raise ValidationError('must be {"job": "<id of a succeeded job>"}', field="base")

@@ -7,13 +7,13 @@ import threading
 
 import pytest
 from PIL import Image
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from api import create_app
 from api.auth import create_key
 from storage import lifecycle
 from storage.db import session_scope
-from storage.models import Job, utcnow
+from storage.models import Job, Model, utcnow
 from v1_helpers import EDIT, LAYERS, add_job, add_model, alice, app, bob, client, config, queued, sessions  # noqa: F401
 
 
@@ -415,3 +415,21 @@ def test_body_over_16_mib_is_413(client, alice, model):
     response = submit(client, alice, huge)
     assert response.status_code == 413
     assert response.json["error"]["code"] == "payload_too_large"
+
+
+def test_ready_models_are_cached_and_only_ready_ones(app, client, alice, bob):
+    """The API keeps ready models in memory (a ready row never changes): a model that was
+    pending is looked up again once ready, and a cached model stays another tenant's."""
+    pending = add_model(app, alice.id, status="pending")
+    body = {"model": pending, "layer": "layer3", "request": EDIT}
+    assert submit(client, alice, body).status_code == 409
+    with sessions(app) as session:
+        session.execute(update(Model).where(Model.id == pending).values(status="ready"))
+    assert submit(client, alice, body).status_code == 202
+    assert pending in app.extensions["palimpsest_ready_models"]._models
+    # cached now: bob still cannot see alice's model, and alice's jobs need no model query
+    answer = submit(client, bob, body)
+    assert answer.status_code == 422 and answer.json["error"]["field"] == "model"
+    with sessions(app) as session:  # a ready row never changes; if it did, the cache would not see it
+        session.execute(update(Model).where(Model.id == pending).values(layers=[]))
+    assert submit(client, alice, body).status_code == 202
