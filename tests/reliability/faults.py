@@ -401,6 +401,19 @@ class Service:
         return at
 
 
+@contextmanager
+def warm_service(stack: Stack, *, workers: int, beat: bool = False):
+    """``Service.open`` on ``stack`` after one demo job has run to ``succeeded``: the workers'
+    caches are warm and the statistic every later job loads is computed. Closed on exit."""
+    service = Service.open(stack, workers=workers, beat=beat)
+    try:
+        first = service.submit()
+        assert service.wait_ended([first], timeout=300)[first].status == "succeeded"
+        yield service
+    finally:
+        service.close()
+
+
 def assert_one_artifact_set(service: Service, job_id: str):
     """Four artifacts, one per name, each an object in the store with the recorded sha256."""
     import hashlib

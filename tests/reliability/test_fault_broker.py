@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from faults import Service, cli, fault_stack, now, seconds
+from faults import cli, fault_stack, now, seconds, warm_service
 from stack import wait_until
 
 pytestmark = pytest.mark.integration
@@ -27,14 +27,8 @@ RESENT = "reconciler: re-sent"
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
-    with fault_stack(tmp_path_factory, "broker") as stack:
-        service = Service.open(stack, workers=2, beat=True)
-        try:
-            first = service.submit()  # computes the statistic every later job loads
-            assert service.wait_ended([first], timeout=300)[first].status == "succeeded"
-            yield service
-        finally:
-            service.close()
+    with fault_stack(tmp_path_factory, "broker") as stack, warm_service(stack, workers=2, beat=True) as service:
+        yield service
 
 
 def counts(service, job_ids) -> dict:

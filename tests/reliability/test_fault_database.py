@@ -17,7 +17,7 @@ import time
 import pytest
 import requests
 
-from faults import PostgresCluster, Service, assert_one_artifact_set, demo_body, fault_stack, now, seconds
+from faults import PostgresCluster, assert_one_artifact_set, demo_body, fault_stack, now, seconds, warm_service
 
 pytestmark = pytest.mark.integration
 
@@ -32,15 +32,10 @@ def service(tmp_path_factory):
     try:
         # a lease longer than the outage: the job is not taken over, its writes wait
         with fault_stack(tmp_path_factory, "database", database_url=cluster.url, PALIMPSEST_JOB_LEASE_SECONDS="30",
-                         PALIMPSEST_TEST_SLOW_UPLOAD_SECONDS="2") as stack:
-            service = Service.open(stack, workers=1, beat=True)
+                         PALIMPSEST_TEST_SLOW_UPLOAD_SECONDS="2") as stack, \
+                warm_service(stack, workers=1, beat=True) as service:
             service.cluster = cluster
-            try:
-                first = service.submit()
-                assert service.wait_ended([first], timeout=300)[first].status == "succeeded"
-                yield service
-            finally:
-                service.close()
+            yield service
     finally:
         cluster.remove()
 

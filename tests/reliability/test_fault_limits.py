@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from faults import Service, fault_stack, now, seconds
+from faults import fault_stack, now, seconds, warm_service
 
 pytestmark = pytest.mark.integration
 
@@ -23,14 +23,8 @@ LONG = {"steps": 200_000, "plateau_patience": 0}  # far longer than any limit he
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
-    with fault_stack(tmp_path_factory, "limits") as stack:
-        service = Service.open(stack, workers=1, beat=True)
-        try:
-            first = service.submit()
-            assert service.wait_ended([first], timeout=300)[first].status == "succeeded"
-            yield service
-        finally:
-            service.close()
+    with fault_stack(tmp_path_factory, "limits") as stack, warm_service(stack, workers=1, beat=True) as service:
+        yield service
 
 
 def use_worker(service, **variables):

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from faults import Service, TcpProxy, assert_one_artifact_set, demo_body, fault_stack, now, seconds
+from faults import TcpProxy, assert_one_artifact_set, demo_body, fault_stack, now, seconds, warm_service
 
 pytestmark = pytest.mark.integration
 
@@ -29,17 +29,13 @@ def service(tmp_path_factory, s3_server):
     upstream = urlsplit(s3_server)
     proxy = TcpProxy((upstream.hostname, upstream.port))
     proxy.up()
-    with fault_stack(tmp_path_factory, "store", s3_endpoint=proxy.endpoint, PALIMPSEST_TEST_SLOW_UPLOAD_SECONDS="2",
-                     PALIMPSEST_STORAGE_RETRY_SECONDS="60") as stack:
-        service = Service.open(stack, workers=1)
-        service.proxy = proxy
-        try:
-            first = service.submit()
-            assert service.wait_ended([first], timeout=300)[first].status == "succeeded"
+    try:
+        with fault_stack(tmp_path_factory, "store", s3_endpoint=proxy.endpoint, PALIMPSEST_TEST_SLOW_UPLOAD_SECONDS="2",
+                         PALIMPSEST_STORAGE_RETRY_SECONDS="60") as stack, warm_service(stack, workers=1) as service:
+            service.proxy = proxy
             yield service
-        finally:
-            service.close()
-            proxy.down()
+    finally:
+        proxy.down()
 
 
 @pytest.mark.parametrize("mode", ["refuse", pytest.param("reset", marks=pytest.mark.slow)])

@@ -12,7 +12,7 @@ merely held back but gone: only the reconciler can bring the job back.
 """
 import pytest
 
-from faults import Service, assert_one_artifact_set, fault_stack, seconds
+from faults import assert_one_artifact_set, fault_stack, seconds, warm_service
 from stack import embedded_stack
 
 pytestmark = pytest.mark.integration
@@ -30,26 +30,15 @@ PHASES = {
 @pytest.fixture(scope="module")
 def service(tmp_path_factory, s3_server):
     with fault_stack(tmp_path_factory, "killed", s3_endpoint=s3_server,
-                     PALIMPSEST_TEST_SLOW_UPLOAD_SECONDS="5") as stack:
-        service = Service.open(stack, workers=2, beat=True)
-        try:
-            # the first job warms the workers' caches and computes the quick statistic
-            first = service.submit()
-            assert service.wait_ended([first], timeout=300)[first].status == "succeeded"
-            yield service
-        finally:
-            service.close()
+                     PALIMPSEST_TEST_SLOW_UPLOAD_SECONDS="5") as stack, \
+            warm_service(stack, workers=2, beat=True) as service:
+        yield service
 
 
 @pytest.fixture(scope="module")
 def embedded(tmp_path_factory):
-    service = Service.open(embedded_stack(tmp_path_factory.mktemp("killed-embedded")), workers=2, beat=True)
-    try:
-        first = service.submit()
-        assert service.wait_ended([first], timeout=300)[first].status == "succeeded"
+    with warm_service(embedded_stack(tmp_path_factory.mktemp("killed-embedded")), workers=2, beat=True) as service:
         yield service
-    finally:
-        service.close()
 
 
 @pytest.mark.parametrize("phase", list(PHASES))
