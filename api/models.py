@@ -72,7 +72,8 @@ class ReadyModels:
 
     Never stale: a model is never deleted, only a pending model changes status, and a
     ready row's owner and layers are written once. A submission then needs no model
-    query (about a tenth of its CPU); a model not ready yet is never kept.
+    query (about a tenth of its CPU); a model not ready yet is never kept. A route that
+    deletes or changes a ready model would have to reach every process's cache first.
     """
 
     def __init__(self, size: int = 1024):
