@@ -34,7 +34,7 @@ def create_app(test_config=None) -> Flask:
 
     from api import auth, batches, errors, health, inputs, jobs, models, openapi, statistics
 
-    app.extensions["palimpsest_ready_models"] = models.ReadyModels()
+    app.extensions["palimpsest_ready_models"] = models.ready_models()
     errors.init_app(app)
     auth.init_app(app)  # every /v1 route needs a key unless auth.PUBLIC_ENDPOINTS lists it
     inputs.init_app(app)  # then input no view could use (NUL characters, deep JSON) is refused

@@ -12,8 +12,6 @@ import json
 import math
 import re
 import struct
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 
 from flask import Blueprint, current_app, request
@@ -29,6 +27,7 @@ from api.tasks import INSPECT_MODEL, send_task
 from storage.db import get_session
 from storage.models import Model, new_id
 from storage.objects import InvalidKey, ObjectNotFound, copy_hashed, tenant_key, validate_key
+from workers.cache import LRU
 
 bp = Blueprint("models", __name__, url_prefix="/v1")
 
@@ -67,50 +66,34 @@ class ReadyModel:
     layers: tuple
 
 
-class ReadyModels:
-    """Ready models by id, the ``size`` most recently used, kept by each API process.
+READY_MODELS_KEPT = 1024  # per API process, the most recently used
+
+
+def ready_models() -> LRU:
+    """The API process's cache of ready models (``app.extensions``), for ``ready_model``.
 
     Never stale: a model is never deleted, only a pending model changes status, and a
     ready row's owner and layers are written once. A submission then needs no model
     query (about a tenth of its CPU); a model not ready yet is never kept. A route that
     deletes or changes a ready model would have to reach every process's cache first.
     """
-
-    def __init__(self, size: int = 1024):
-        self.size = size
-        self._models = OrderedDict()
-        self._lock = threading.Lock()  # gunicorn's threads share the process's cache
-
-    def get(self, model_id: str) -> ReadyModel | None:
-        with self._lock:
-            model = self._models.get(model_id)
-            if model is not None:
-                self._models.move_to_end(model_id)
-            return model
-
-    def add(self, model: ReadyModel) -> ReadyModel:
-        with self._lock:
-            self._models[model.id] = model
-            self._models.move_to_end(model.id)
-            while len(self._models) > self.size:
-                self._models.popitem(last=False)
-        return model
+    return LRU(READY_MODELS_KEPT, "ready model")
 
 
 def ready_model(model_id: str, tenant_id: str) -> ReadyModel:
     """The model ``tenant_id`` may run a job on; 422 naming ``model`` for a missing one or
     another tenant's (they read alike), 409 for one that is not ready."""
-    cache = current_app.extensions["palimpsest_ready_models"]
-    model = cache.get(model_id)
-    if model is None:
+    def load() -> ReadyModel:  # raises for a model not to be kept
         row = get_session().scalar(select(Model).where(Model.id == model_id, visible_to(tenant_id)))
         if row is None:
             raise ValidationError(f"no model {model_id!r}", field="model")
         if row.status != "ready":
             detail = f": {row.error}" if row.error else " (it is still being inspected)"
             raise ModelNotReady(f"model {row.id} is {row.status}{detail}", field="model")
-        model = cache.add(ReadyModel(row.id, row.tenant_id, tuple(row.layers)))
-    if model.tenant_id not in (None, tenant_id):
+        return ReadyModel(row.id, row.tenant_id, tuple(row.layers))
+
+    model = current_app.extensions["palimpsest_ready_models"].get(model_id, load)
+    if model.tenant_id not in (None, tenant_id):  # kept for its owner; another tenant's reads as missing
         raise ValidationError(f"no model {model_id!r}", field="model")
     return model
 

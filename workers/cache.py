@@ -18,9 +18,11 @@ remove themselves, and edited checkpoints are materialized from the state dict o
 (``rewriting.delta.materialize``). A ``SecondMoment`` from here is only read.
 
 One cache per worker process (``PalimpsestCelery.cache``, built lazily, so each prefork
-child has its own). Not thread-safe: a worker process runs one task at a time.
+child has its own). ``LRU`` is also the API's cache of ready models (``api.models``), whose
+gunicorn threads share it: its map is locked, never while a value loads.
 """
 import logging
+import threading
 from collections import OrderedDict
 
 log = logging.getLogger(__name__)
@@ -35,13 +37,16 @@ class LRU:
         self.loads = 0
         self.hits = 0
         self._values = OrderedDict()
+        self._lock = threading.Lock()
 
     def get(self, key, load):
-        """The value under ``key``; ``load()`` makes (and keeps) it on a miss."""
-        if key in self._values:
-            self._values.move_to_end(key)
-            self.hits += 1
-            return self._values[key]
+        """The value under ``key``; ``load()`` makes (and keeps) it on a miss. A ``load`` that
+        raises keeps nothing; two threads missing the same key at once both load it."""
+        with self._lock:
+            if key in self._values:
+                self._values.move_to_end(key)
+                self.hits += 1
+                return self._values[key]
         value = load()
         self.loads += 1
         log.info("loaded %s %s (%d cached)", self.what, _short(key), min(len(self._values) + 1, self.capacity))
@@ -51,10 +56,11 @@ class LRU:
     def put(self, key, value) -> None:
         if self.capacity <= 0:
             return
-        self._values[key] = value
-        self._values.move_to_end(key)
-        while len(self._values) > self.capacity:
-            self._values.popitem(last=False)  # the model's memory goes with its last reference
+        with self._lock:
+            self._values[key] = value
+            self._values.move_to_end(key)
+            while len(self._values) > self.capacity:
+                self._values.popitem(last=False)  # the model's memory goes with its last reference
 
     def __contains__(self, key) -> bool:
         return key in self._values

@@ -289,10 +289,11 @@ def _read_statistic(session_factory, statistic_id: str, retry_s: float) -> Stati
 
 
 def _compute_piece(session_factory, store, cache: Path, model, row_id: str, token: int, layer: str,
-                   seeds: range, model_sha256: str, heartbeat, progress, batch_size: int | None, kind: str,
+                   seeds: range, model_sha256: str, heartbeat, progress, kind: str,
                    retry_s: float = 0):
     """Compute the second moment over ``seeds`` under the lease (``row_id``, ``token``), upload
-    it and mark the row ready. Returns the moment, or None when the lease was lost (someone
+    it and mark the row ready (images per batch: the engine's default for the model's device).
+    Returns the moment, or None when the lease was lost (someone
     else finishes it). A cancel releases the row (pending), an error fails it; both raise.
     Its database transactions are retried for ``retry_s`` while the database is away."""
     from rewriting.errors import Cancelled
@@ -302,7 +303,7 @@ def _compute_piece(session_factory, store, cache: Path, model, row_id: str, toke
     heartbeat.hold_statistic(row_id, token)
     try:
         moment = compute_second_moment(
-            model, layer, f"{seeds.start}-{seeds.stop - 1}", batch_size=batch_size, progress=progress,
+            model, layer, f"{seeds.start}-{seeds.stop - 1}", progress=progress,
             should_stop=lambda: heartbeat.should_stop() or heartbeat.statistic_lost, model_sha256=model_sha256)
         stored = _upload_moment(store, cache, moment, kind, {"sample_spec": spec})
     except Cancelled:
@@ -353,7 +354,7 @@ def merge_shards(session_factory, store, cache: Path, statistic_id: str, token: 
 
 
 def ensure_statistic(session_factory, store, cache: Path, model, model_sha256: str, layer: str, spec: str,
-                     owner: str, ttl: float, heartbeat, progress=None, batch_size: int | None = None,
+                     owner: str, ttl: float, heartbeat, progress=None,
                      statistic_id: str | None = None, shard_samples: int | None = None, warm=None,
                      send_shard=None, retry_s: float = 0):
     """The ready statistic of (``model_sha256``, ``layer``, ``spec``), as ``(SecondMoment, Statistic)``.
@@ -366,8 +367,7 @@ def ensure_statistic(session_factory, store, cache: Path, model, model_sha256: s
     ``heartbeat`` (workers.heartbeat.Heartbeat) keeps the caller's own lease alive meanwhile
     and renews the lease this worker holds; its ``should_stop()`` (a cancel, a lost job
     lease) raises ``Cancelled``, polled while waiting and between batches.
-    ``progress(done, total)`` follows the computation (images); ``batch_size``: images per
-    forward pass (None: the engine's default for the model's device). Its database transactions
+    ``progress(done, total)`` follows the computation (images). Its database transactions
     are tried again while the database is away, for up to ``retry_s`` seconds each.
     """
     from rewriting.errors import Cancelled
@@ -413,7 +413,7 @@ def ensure_statistic(session_factory, store, cache: Path, model, model_sha256: s
             continue
         if step.action == "whole":
             moment = _compute_piece(session_factory, store, cache, model, statistic_id, step.token, layer, seeds,
-                                    model_sha256, heartbeat, progress, batch_size, "statistics", retry_s)
+                                    model_sha256, heartbeat, progress, "statistics", retry_s)
             if moment is None:
                 continue  # lost the lease: whoever holds it now finishes; wait for it
             stat = _read_statistic(session_factory, statistic_id, retry_s)
@@ -424,7 +424,7 @@ def ensure_statistic(session_factory, store, cache: Path, model, model_sha256: s
             report = None if progress is None else (
                 lambda done, total, before=step.done: progress(before + done, step.total))
             _compute_piece(session_factory, store, cache, model, shard.id, step.token, layer,
-                           range(shard.seed_start, shard.seed_stop), model_sha256, heartbeat, report, batch_size,
+                           range(shard.seed_start, shard.seed_stop), model_sha256, heartbeat, report,
                            "statistic_shards", retry_s)
             continue  # then the next shard, or the merge
         merged = merge_shards(session_factory, store, cache, statistic_id, step.token, heartbeat, retry_s)
@@ -563,7 +563,7 @@ def process_shard(session_factory, store, settings, shard_id: str, owner: str | 
             raise
         moment = _compute_piece(session_factory, store, cache, model, shard.id, step.token, stat.layer,
                                 range(shard.seed_start, shard.seed_stop), stat.model_sha256, heartbeat, None,
-                                None, "statistic_shards", settings.db_retry_seconds)
+                                "statistic_shards", settings.db_retry_seconds)
         if moment is None:
             return None
         with session_scope(session_factory) as session:

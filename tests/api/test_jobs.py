@@ -426,7 +426,7 @@ def test_ready_models_are_cached_and_only_ready_ones(app, client, alice, bob):
     with sessions(app) as session:
         session.execute(update(Model).where(Model.id == pending).values(status="ready"))
     assert submit(client, alice, body).status_code == 202
-    assert pending in app.extensions["palimpsest_ready_models"]._models
+    assert pending in app.extensions["palimpsest_ready_models"]
     # cached now: bob still cannot see alice's model, and alice's jobs need no model query
     answer = submit(client, bob, body)
     assert answer.status_code == 422 and answer.json["error"]["field"] == "model"
