@@ -1,0 +1,143 @@
+"""Dome to spire: how far a paste at one layer can go, and how far the edit gets on its own image.
+
+    python bench/demo_paste_bound.py [--layers layer4,layer5,layer6] [--samples 200] [--pairs 5] \
+        [--rank 1] [--param alpha_area=false ...]
+
+Part 1, the paste bound, no weight changed: each request pair's copied spire (the layer's
+output over the copy box's cells, whole cells) is written into the layer's output over the
+largest dome of every held-out image (bottom row and centre aligned, as demo.examples
+aligns the requests), and edit success is measured as bench/demo_eval.py measures it. The
+paste lands on three regions: the whole clip; only cells at least a quarter dome; those
+cells and a ring of one cell around them (the cells whose 3x3 keys see the dome). A rule
+keyed on domes can hardly do better than the last.
+
+Part 2, the fit: each pair's edit (``run_edit``, the request's params, rank ``--rank``)
+measured on its own paste image, next to that image rendered with the pasted values
+themselves (what the insert is asked to produce). Figures in docs/demo.md; about two minutes
+a layer on two CPU cores.
+"""
+import argparse
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from demo.artifacts import GENERATOR_PATH, SEGMENTER_PATH, load_weights  # noqa: E402
+from demo.examples import components, largest_object, load_eval_requests  # noqa: E402
+from demo.scenes import DOME, SPIRE  # noqa: E402
+from demo_eval import STAT_SEEDS, HeldOut, pasted_image  # noqa: E402
+from rewriting.delta import applied  # noqa: E402
+from rewriting.edit import run_edit  # noqa: E402
+from rewriting.layers import Trace, get_module, sample_inputs  # noqa: E402
+from rewriting.metrics import edit_success, segment  # noqa: E402
+from rewriting.render import generate  # noqa: E402
+from rewriting.requests import parse_request  # noqa: E402
+from rewriting.statistics import compute_second_moment  # noqa: E402
+
+REGIONS = ("whole clip", "dome cells", "dome cells + 1")
+
+
+def layer_output(model, layer, seed):
+    with torch.no_grad(), Trace(model, layer, stop=True) as tr:
+        model(sample_inputs(model, [seed]))
+    return tr.output[0]
+
+
+def copied_clip(model, layer, copy):
+    """The layer's output over the cells the normalized copy box touches [C, h, w]."""
+    out = layer_output(model, layer, copy["seed"])
+    cells = out.shape[-1]
+    x0, y0, x1, y1 = copy["mask"]
+    return out[:, int(y0 * cells):math.ceil(y1 * cells), int(x0 * cells):math.ceil(x1 * cells)]
+
+
+def paste_bound(model, segmenter, layer, held, domes, cells, cell_masks, clip, batch=50):
+    """Edit success with ``clip`` written over each held-out dome into the layer's ``cells`` x
+    ``cells`` output, where ``cell_masks`` allow (None: everywhere the clip lands)."""
+    px = held.images.shape[-1] // cells
+    ch, cw = clip.shape[-2:]
+    where = {}
+
+    def write(module, args, output):
+        out = output.clone()
+        for j, (y0, x0, y1, x1) in enumerate(domes[where["start"]:where["start"] + len(out)]):
+            t, l = min(y1 // px, cells - 1) - ch + 1, ((x0 + x1) // 2) // px - cw // 2
+            tt, ll, bb, rr = max(t, 0), max(l, 0), min(t + ch, cells), min(l + cw, cells)
+            piece = clip[:, tt - t:bb - t, ll - l:rr - l]
+            if cell_masks is not None:
+                piece = torch.where(cell_masks[where["start"] + j, tt:bb, ll:rr], piece, out[j, :, tt:bb, ll:rr])
+            out[j, :, tt:bb, ll:rr] = piece
+        return out
+
+    handle = get_module(model, layer).register_forward_hook(write)
+    try:
+        after = []
+        for start in range(0, len(held.seeds), batch):
+            where["start"] = start
+            after.append(generate(model, held.seeds[start:start + batch], batch))
+    finally:
+        handle.remove()
+    labels, _ = segment(segmenter, torch.cat(after), batch_size=batch)
+    return edit_success(held.labels, labels, DOME, SPIRE)[0]
+
+
+def labels_of(segmenter, image):
+    return segment(segmenter, image, batch_size=1)[0]
+
+
+def spread(values):
+    return f"{statistics.fmean(values):.3f} ± {statistics.pstdev(values):.3f}"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", default="layer4,layer5,layer6")
+    parser.add_argument("--samples", type=int, default=200)
+    parser.add_argument("--pairs", type=int, default=5)
+    parser.add_argument("--rank", type=int, default=1)
+    parser.add_argument("--param", action="append", default=[], metavar="NAME=JSON",
+                        help="another hyperparameter for the edits, e.g. --param alpha_area=false")
+    args = parser.parse_args()
+    overrides = {name: json.loads(value) for name, value in (item.split("=", 1) for item in args.param)}
+    G, S = load_weights(GENERATOR_PATH), load_weights(SEGMENTER_PATH)
+    held = HeldOut(G, S, "dome_to_spire", args.samples)
+    domes = [largest_object(ids, labels, DOME)[1] for ids, labels in zip(components(held.labels == DOME), held.labels)]
+    requests = load_eval_requests("dome_to_spire")[:args.pairs]
+    print(f"{len(held.seeds)} held-out images with a dome, {len(requests)} request pairs; "
+          f"edits at rank {args.rank}, params {overrides or 'as requested'}", flush=True)
+    for layer in args.layers.split(","):
+        cells = layer_output(G, layer, 0).shape[-1]
+        dome_cells = F.avg_pool2d((held.labels == DOME).float()[:, None], held.images.shape[-1] // cells)[:, 0] >= 0.25
+        ring = F.max_pool2d(dome_cells.float()[:, None], 3, 1, 1)[:, 0] > 0
+        bounds = {region: [] for region in REGIONS}
+        for raw in requests:
+            clip = copied_clip(G, layer, raw["copy"])
+            for region, masks in zip(REGIONS, (None, dome_cells, ring)):
+                bounds[region].append(paste_bound(G, S, layer, held, domes, cells, masks, clip))
+        print(f"{layer} ({cells}x{cells}) paste bound: " + ", ".join(f"{r} {spread(v)}" for r, v in bounds.items()),
+              flush=True)
+        moment = compute_second_moment(G, layer, STAT_SEEDS, batch_size=100)
+        fit, target = [], []
+        for raw in requests:
+            seed = raw["paste"]["seed"]
+            before = labels_of(S, generate(G, [seed], 1))
+            result = run_edit(G, layer, parse_request({**raw, "layer": layer}, {**overrides, "rank": args.rank}), moment)
+            with applied(G, [result.delta]):
+                after = labels_of(S, generate(G, [seed], 1))
+            pasted = labels_of(S, pasted_image(G, result.targets, seed).clamp(-1, 1))
+            fit.append(edit_success(before, after, DOME, SPIRE)[0])
+            target.append(edit_success(before, pasted, DOME, SPIRE)[0])
+        print(f"{layer} on its own paste image: the pasted values {spread(target)} "
+              f"({' '.join(f'{v:.2f}' for v in target)}), the edit {spread(fit)} ({' '.join(f'{v:.2f}' for v in fit)})",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
