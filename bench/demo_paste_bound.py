@@ -6,10 +6,11 @@
 Part 1, the paste bound, no weight changed: each request pair's copied spire (the layer's
 output over the copy box's cells, whole cells) is written into the layer's output over the
 largest dome of every held-out image (bottom row and centre aligned, as demo.examples
-aligns the requests), and edit success is measured as bench/demo_eval.py measures it. The
-paste lands on three regions: the whole clip; only cells at least a quarter dome; those
-cells and a ring of one cell around them (the cells whose 3x3 keys see the dome). A rule
-keyed on domes can hardly do better than the last.
+aligns the requests; ``rewriting.values.paste_value`` keeps it inside the map), and edit
+success is measured as bench/demo_eval.py measures it. The paste lands on three regions:
+the whole clip; only cells at least a quarter dome; those cells and a ring of one cell
+around them (the cells whose 3x3 keys see the dome). A rule keyed on domes can hardly do
+better than the last.
 
 Part 2, the fit: each pair's edit (``run_edit``, the request's params, rank ``--rank``)
 measured on its own paste image, next to that image rendered with the pasted values
@@ -18,7 +19,6 @@ a layer on two CPU cores.
 """
 import argparse
 import json
-import math
 import statistics
 import sys
 from pathlib import Path
@@ -38,8 +38,9 @@ from rewriting.edit import run_edit  # noqa: E402
 from rewriting.layers import Trace, get_module, sample_inputs  # noqa: E402
 from rewriting.metrics import edit_success, segment  # noqa: E402
 from rewriting.render import generate  # noqa: E402
-from rewriting.requests import parse_request  # noqa: E402
+from rewriting.requests import mask_at, parse_request  # noqa: E402
 from rewriting.statistics import compute_second_moment  # noqa: E402
+from rewriting.values import copy_value, paste_value  # noqa: E402
 
 REGIONS = ("whole clip", "dome cells", "dome cells + 1")
 
@@ -47,43 +48,43 @@ REGIONS = ("whole clip", "dome cells", "dome cells + 1")
 def layer_output(model, layer, seed):
     with torch.no_grad(), Trace(model, layer, stop=True) as tr:
         model(sample_inputs(model, [seed]))
-    return tr.output[0]
+    return tr.output
 
 
 def copied_clip(model, layer, copy):
-    """The layer's output over the cells the normalized copy box touches [C, h, w]."""
-    out = layer_output(model, layer, copy["seed"])
-    cells = out.shape[-1]
-    x0, y0, x1, y1 = copy["mask"]
-    return out[:, int(y0 * cells):math.ceil(y1 * cells), int(x0 * cells):math.ceil(x1 * cells)]
+    """The layer's output over the cells the copy region touches [1, C, h, w], whole cells
+    (``rewriting.values.copy_value`` over the region at the layer's resolution)."""
+    out = layer_output(model, layer, copy.seed)
+    clip, _, _ = copy_value(out, torch.from_numpy(mask_at(copy.mask, out.shape[-2:])))
+    return clip
 
 
-def paste_bound(model, segmenter, layer, held, domes, cells, cell_masks, clip, batch=50):
-    """Edit success with ``clip`` written over each held-out dome into the layer's ``cells`` x
-    ``cells`` output, where ``cell_masks`` allow (None: everywhere the clip lands)."""
-    px = held.images.shape[-1] // cells
-    ch, cw = clip.shape[-2:]
-    where = {}
+def anchors(domes, px, cells, clip_height):
+    """``paste_value``'s centre for each dome box (pixels): the clip's bottom row on the
+    dome's bottom cell, its centre column on the dome's."""
+    return [(min(y1 // px, cells - 1) - clip_height + 1 + clip_height // 2, ((x0 + x1) // 2) // px)
+            for y0, x0, y1, x1 in domes]
 
-    def write(module, args, output):
-        out = output.clone()
-        for j, (y0, x0, y1, x1) in enumerate(domes[where["start"]:where["start"] + len(out)]):
-            t, l = min(y1 // px, cells - 1) - ch + 1, ((x0 + x1) // 2) // px - cw // 2
-            tt, ll, bb, rr = max(t, 0), max(l, 0), min(t + ch, cells), min(l + cw, cells)
-            piece = clip[:, tt - t:bb - t, ll - l:rr - l]
-            if cell_masks is not None:
-                piece = torch.where(cell_masks[where["start"] + j, tt:bb, ll:rr], piece, out[j, :, tt:bb, ll:rr])
-            out[j, :, tt:bb, ll:rr] = piece
-        return out
 
-    handle = get_module(model, layer).register_forward_hook(write)
-    try:
-        after = []
-        for start in range(0, len(held.seeds), batch):
-            where["start"] = start
-            after.append(generate(model, held.seeds[start:start + batch], batch))
-    finally:
-        handle.remove()
+def paste_bound(model, segmenter, layer, held, centres, cell_masks, clip, batch=50):
+    """Edit success with ``clip`` pasted into the layer's output of each held-out image at its
+    centre (``rewriting.values.paste_value``), only where ``cell_masks`` allow (None: everywhere)."""
+    after = []
+    for start in range(0, len(held.seeds), batch):
+        part = slice(start, start + batch)
+
+        def write(module, args, output, part=part):
+            out = output.clone()
+            for j, at in enumerate(centres[part]):
+                pasted = paste_value(output[j:j + 1], clip, None, at)[0][0]
+                out[j] = pasted if cell_masks is None else torch.where(cell_masks[part][j], pasted, output[j])
+            return out
+
+        handle = get_module(model, layer).register_forward_hook(write)
+        try:
+            after.append(generate(model, held.seeds[part], batch))
+        finally:
+            handle.remove()
     labels, _ = segment(segmenter, torch.cat(after), batch_size=batch)
     return edit_success(held.labels, labels, DOME, SPIRE)[0]
 
@@ -109,26 +110,29 @@ def main():
     G, S = load_weights(GENERATOR_PATH), load_weights(SEGMENTER_PATH)
     held = HeldOut(G, S, "dome_to_spire", args.samples)
     domes = [largest_object(ids, labels, DOME)[1] for ids, labels in zip(components(held.labels == DOME), held.labels)]
-    requests = load_eval_requests("dome_to_spire")[:args.pairs]
+    requests = [parse_request(raw, {**overrides, "rank": args.rank})
+                for raw in load_eval_requests("dome_to_spire")[:args.pairs]]
     print(f"{len(held.seeds)} held-out images with a dome, {len(requests)} request pairs; "
           f"edits at rank {args.rank}, params {overrides or 'as requested'}", flush=True)
     for layer in args.layers.split(","):
         cells = layer_output(G, layer, 0).shape[-1]
-        dome_cells = F.avg_pool2d((held.labels == DOME).float()[:, None], held.images.shape[-1] // cells)[:, 0] >= 0.25
+        px = held.images.shape[-1] // cells
+        dome_cells = F.avg_pool2d((held.labels == DOME).float()[:, None], px)[:, 0] >= 0.25
         ring = F.max_pool2d(dome_cells.float()[:, None], 3, 1, 1)[:, 0] > 0
         bounds = {region: [] for region in REGIONS}
-        for raw in requests:
-            clip = copied_clip(G, layer, raw["copy"])
+        for request in requests:
+            clip = copied_clip(G, layer, request.copy)
+            centres = anchors(domes, px, cells, clip.shape[-2])
             for region, masks in zip(REGIONS, (None, dome_cells, ring)):
-                bounds[region].append(paste_bound(G, S, layer, held, domes, cells, masks, clip))
+                bounds[region].append(paste_bound(G, S, layer, held, centres, masks, clip))
         print(f"{layer} ({cells}x{cells}) paste bound: " + ", ".join(f"{r} {spread(v)}" for r, v in bounds.items()),
               flush=True)
         moment = compute_second_moment(G, layer, STAT_SEEDS, batch_size=100)
         fit, target = [], []
-        for raw in requests:
-            seed = raw["paste"]["seed"]
+        for request in requests:
+            seed = request.paste.seed
             before = labels_of(S, generate(G, [seed], 1))
-            result = run_edit(G, layer, parse_request({**raw, "layer": layer}, {**overrides, "rank": args.rank}), moment)
+            result = run_edit(G, layer, request, moment)
             with applied(G, [result.delta]):
                 after = labels_of(S, generate(G, [seed], 1))
             pasted = labels_of(S, pasted_image(G, result.targets, seed).clamp(-1, 1))
