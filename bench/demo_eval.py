@@ -226,10 +226,12 @@ def main(argv=None):
                 conditions = {
                     "rank1": ("delta", result.delta),
                     "random": ("delta", insert(G, layer, targets.inputs, targets.values, random_dir, config,
-                                               kwargs=targets.kwargs).delta("")),
+                                               kwargs=targets.kwargs, moment=moment,
+                                               output_crop=targets.output_crop).delta("")),
                     "fullrank": ("delta", insert(G, layer, targets.inputs, targets.values,
                                                  torch.eye(infos[layer].key_channels), config,
-                                                 kwargs=targets.kwargs).delta("")),
+                                                 kwargs=targets.kwargs, moment=moment,
+                                                 output_crop=targets.output_crop).delta("")),
                     "finetune": ("model", ft),
                 }
                 if edit != "add_tree":

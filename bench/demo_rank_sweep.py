@@ -59,7 +59,8 @@ def main():
             result = run_edit(G, args.layer, request, moment)
             t, config = result.targets, insert_config(request.params)
             directions = torch.randn(rank, keys, generator=torch.Generator().manual_seed(pair)).to(args.device)
-            control = insert(G, args.layer, t.inputs, t.values, directions, config, kwargs=t.kwargs).delta("")
+            control = insert(G, args.layer, t.inputs, t.values, directions, config, kwargs=t.kwargs,
+                             moment=moment, output_crop=t.output_crop).delta("")
             for name, delta in (("edit", result.delta), ("random", control)):
                 with applied(G, [delta]):
                     figures, _ = measure("dome_to_spire", held, G, S)

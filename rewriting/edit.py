@@ -17,7 +17,7 @@ from rewriting.directions import directions_from_keys, masked_keys
 from rewriting.errors import Cancelled, EditRequestError, IncompatibleError
 from rewriting.insert import InsertConfig, insert
 from rewriting.layers import Trace, editable_layers, layer_forward, sample_inputs
-from rewriting.requests import EditParams, EditRequest, check_layer, check_rank, mask_at, parse_request
+from rewriting.requests import FULL_RANK, EditParams, EditRequest, check_layer, check_rank, mask_at, parse_request
 from rewriting.values import (
     bounding_box,
     center,
@@ -45,6 +45,10 @@ class EditTargets:
     context_keys: torch.Tensor  # [M, C_in] key rows under the context masks
     context_weights: torch.Tensor  # [M] their mask weights
     erased_units: list = field(default_factory=list)  # erase: the key units zeroed
+    # (t, l, b, r) of ``values`` within the layer's output on ``inputs``; None: all of it.
+    # The cropped inputs keep a halo of neighbouring keys, so that the output over the
+    # crop is the one the whole map gives rather than one seen through zero padding.
+    output_crop: tuple | None = None
 
 
 @dataclass
@@ -124,15 +128,30 @@ def edit_targets(model, info, request, moment, params=None):
         target = composite(host.output, erased, paste_mask)
         bounds = bounding_box(paste_mask)
 
-    inputs, values, value_bounds = host.inputs, target, None
+    inputs, values, value_bounds, output_crop = host.inputs, target, None, None
     croppable = tuple(host.inputs[0].shape[2:]) == info.key_size
     if params.tight_paste and croppable:
         key_bounds, value_bounds = crop_bounds(bounds, info.key_size, info.value_size)
+        if params.halo:
+            key_bounds, output_crop = _with_halo(key_bounds, info)
         inputs = _crop_inputs(host.inputs, info.key_size, key_bounds)
         values = crop(target, value_bounds)
     return EditTargets(layer=info.name, inputs=inputs, kwargs=host.kwargs, values=values.detach(),
                        value_bounds=value_bounds, context_keys=context_keys,
-                       context_weights=context_weights, erased_units=units)
+                       context_weights=context_weights, erased_units=units, output_crop=output_crop)
+
+
+def _with_halo(key_bounds, info):
+    """Widen a key crop by the kernel's reach (within the map) and say where the value crop
+    lies in the layer's output on it. Only for layers whose keys and values share one grid
+    (a stride-1 'same' convolution); others keep the plain crop and no output crop."""
+    reach = info.weight_shape[-1] // 2 if len(info.weight_shape) == 4 else 0
+    if info.key_size != info.value_size or reach == 0:
+        return key_bounds, None
+    t, l, b, r = key_bounds
+    h, w = info.key_size
+    wide = (max(t - reach, 0), max(l - reach, 0), min(b + reach, h), min(r + reach, w))
+    return wide, (t - wide[0], l - wide[1], b - wide[0], r - wide[1])
 
 
 def _params_field(error):
@@ -183,8 +202,10 @@ def run_edit(model, layer, request, moment, params=None, progress=None, should_s
     if channels != info.key_channels:
         raise IncompatibleError(f"the statistic has {channels} channels; layer {layer!r} has "
                                 f"{info.key_channels} key channels")
+    # A block and its weight module (layer6, layer6.conv) share their keys, so their statistic.
     stat_layer = getattr(moment, "metadata", {}).get("layer")
-    if stat_layer is not None and stat_layer != layer:
+    if stat_layer is not None and stat_layer != layer and (
+            stat_layer not in infos or infos[stat_layer].param != info.param):
         raise IncompatibleError(f"the statistic is of layer {stat_layer!r}, not {layer!r}")
 
     def phase(name):
@@ -197,13 +218,17 @@ def run_edit(model, layer, request, moment, params=None, progress=None, should_s
         phase("values")
         targets = edit_targets(model, info, request, moment, params)
         phase("directions")
-        directions = directions_from_keys(targets.context_keys, targets.context_weights, moment,
-                                          rank=params.rank, method=params.key_method, field="context")
+        if params.rank == FULL_RANK:
+            directions = torch.eye(info.key_channels, device=targets.context_keys.device)
+        else:
+            directions = directions_from_keys(targets.context_keys, targets.context_weights, moment,
+                                              rank=params.rank, method=params.key_method, field="context")
         phase("insert")
         config = insert_config(params)
         report = None if progress is None else (lambda step, loss: progress("insert", step, loss))
         result = insert(model, layer, targets.inputs, targets.values, directions, config,
-                        kwargs=targets.kwargs, progress=report, should_stop=should_stop)
+                        kwargs=targets.kwargs, progress=report, should_stop=should_stop, moment=moment,
+                        output_crop=targets.output_crop)
     except EditRequestError as e:
         raise _params_field(e) from e
     delta = result.delta(base_sha256, config={

@@ -9,10 +9,15 @@ layer maps the goal inputs to the wanted outputs. Three methods:
   ``W0 + span(D)``: its part orthogonal to span(D) along the input-channel
   dimension is held at W0's, its projection on span(D) is kept.
 - ``lambda``: Adam on ``lam`` alone in ``W0 + lam x_in D``; no projection needed.
-- ``closed_form``: for a linear target layer (nn.Linear or an equalized linear,
-  the target being the weight module itself), the least-squares ``lam``, exact
-  when r >= number of keys and the keys are independent. With
-  ``D = C^-1 K*`` this is the minimum of ``||W K - W0 K||`` subject to ``W K* = V*``.
+- ``closed_form``: for a target whose output is linear in its weight (the weight
+  module itself: linear, conv or transposed conv, plain or equalized; e.g.
+  ``layer6.conv`` rather than the block ``layer6``), the least-squares ``lam``. It
+  is exact when there are at least as many unknowns as constraints; among the
+  exact solutions it takes the least change in the C metric, ``sum over kernel
+  taps of ||dW_tap K||^2`` (C = K K^T, given as ``moment``): the paper's
+  constrained least squares, ``W1 = W0 + Lambda (C^-1 K*)^T``. With ``D = C^-1 K*``
+  (or with all key directions) this is the minimum of ``||W K - W0 K||`` subject
+  to ``W K* = V*``; with fewer directions, the best fit along them.
 
 Step size. The original lr (0.05 on the raw weight) assumes unit-scale stored
 weights (equalized learning rate). With ``lr_scale="weight_rms"`` (default) the
@@ -41,10 +46,13 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch.func import functional_call
 
 from rewriting.delta import EditDelta, coefficients, expand
-from rewriting.errors import Cancelled, EditRequestError
+from rewriting.directions import regularized
+from rewriting.errors import Cancelled, EditRequestError, IncompatibleError
 from rewriting.layers import layer_forward, target_weight
+from rewriting.values import crop
 
 METHODS = ("projected", "lambda", "closed_form")
 LOSSES = ("l1", "mse")
@@ -135,13 +143,16 @@ def _loss_fn(name):
 
 
 def insert(model, layer, inputs, target, directions, config=None, kwargs=None,
-           progress=None, should_stop=None):
+           progress=None, should_stop=None, moment=None, output_crop=None):
     """Find ``lam`` so that ``layer`` with ``W0 + lam x_in D`` maps ``inputs`` to ``target``.
 
     ``inputs`` are the target layer's arguments (a tensor or tuple, e.g. ``Trace.inputs``),
     ``target`` the wanted output, ``directions`` D [r, C_in]. ``progress(step, loss)``
     is called after each step; ``should_stop()`` is polled before each step and
-    raises ``Cancelled``. Returns an ``InsertResult``; the model is left unchanged.
+    raises ``Cancelled``. ``moment``: the keys' second moment C, the metric in which
+    ``closed_form`` picks the least change (None: Euclidean). ``output_crop``: the
+    (t, l, b, r) of the layer's output that ``target`` covers (``EditTargets.output_crop``).
+    Returns an ``InsertResult``; the model is left unchanged.
     """
     config = (config or InsertConfig()).validate()
     t = target_weight(model, layer)
@@ -160,13 +171,13 @@ def insert(model, layer, inputs, target, directions, config=None, kwargs=None,
     loss_fn = _loss_fn(config.loss)
 
     def loss_at(weight):
-        return loss_fn(layer_forward(model, t, args, weight=weight, kwargs=kwargs), target)
+        return loss_fn(crop(layer_forward(model, t, args, weight=weight, kwargs=kwargs), output_crop), target)
 
     start = time.perf_counter()
     with torch.no_grad():
         initial = loss_at(w0).item()
     if config.method == "closed_form":
-        lam = _closed_form(model, t, args, kwargs, target, q)
+        lam = _closed_form(model, t, args, kwargs, target, q, moment, output_crop)
         steps, stopped, losses = 0, False, []
     else:
         lam, steps, stopped, losses = _optimize(config, t, w0, q, loss_at, progress, should_stop)
@@ -237,16 +248,72 @@ def _optimize(config, t, w0, q, loss_at, progress, should_stop):
     return lam, len(losses), stopped, losses
 
 
-def _closed_form(model, t, args, kwargs, target, q):
-    if t.module is not t.weight_module or t.weight.dim() != 2:
-        raise EditRequestError("method", f"closed_form needs a linear target layer; {t.layer!r} "
-                               f"is {t.kind} inside {type(t.module).__name__}")
+LINEAR_IN_WEIGHT = ("linear", "equalized_linear", "conv2d", "equalized_conv2d", "conv_transpose2d")
+
+
+def _closed_form(model, t, args, kwargs, target, q, moment=None, output_crop=None):
+    """The least-squares ``lam``; where several fit equally (more unknowns than
+    constraints), the one of least change: least ``sum_tap ||dW_tap||_C^2`` when
+    ``moment`` (C) is given, else least Euclidean norm."""
+    if t.module is not t.weight_module or t.kind not in LINEAR_IN_WEIGHT or t.in_dim not in (0, 1):
+        inner = t.local_param.rpartition(".")[0]
+        hint = f"; edit its weight module {t.layer + '.' + inner!r} instead" if inner else ""
+        raise EditRequestError("method", f"closed_form needs a target whose output is linear in its weight "
+                               f"(linear, conv, transposed conv); {t.layer!r} is {t.kind} inside "
+                               f"{type(t.module).__name__}{hint}")
     w0 = t.weight.detach()
+    out_dim = 1 - t.in_dim
     with torch.no_grad():
-        base = layer_forward(model, t, args, kwargs=kwargs)
-    keys = args[0].reshape(-1, w0.shape[1]).double().cpu()
-    residual = (target.reshape(base.shape) - base).reshape(-1, w0.shape[0]).double().cpu()
-    # output moves by keys @ (gain * lam @ D)^T, linear in lam: solve (gain K D^T) lam^T = R
-    a = t.gain * keys @ q.double().cpu().T
-    lam_t = torch.linalg.lstsq(a, residual, driver="gelsd").solution
-    return lam_t.T.to(device=w0.device, dtype=w0.dtype)
+        base = crop(layer_forward(model, t, args, kwargs=kwargs), output_crop)
+        design = _design_matrix(t, args, kwargs, q, output_crop)  # [positions, r * taps], float64
+    channels = base.shape[1]
+    residual = (target.reshape(base.shape) - base).double().movedim(1, -1).reshape(-1, channels).cpu()
+    rank, taps = q.shape[0], design.shape[1] // q.shape[0]
+    # Least change in the C metric: with Q C Q^T = L L^T, each tap's coefficients are
+    # l = L^-T g, and ||dW_tap||_C = ||g||; lstsq's minimum-norm g gives the least change.
+    # Cross-tap moments are left out (each tap of a kernel is weighed by C alone).
+    if moment is None:
+        whiten = torch.eye(rank, dtype=torch.float64)
+    else:
+        qd = q.double().cpu()
+        chol, info = torch.linalg.cholesky_ex(qd @ regularized(moment).cpu() @ qd.T)
+        if info.item() != 0:
+            raise IncompatibleError("the second moment is not positive definite along the directions")
+        whiten = torch.linalg.solve_triangular(chol.T, torch.eye(rank, dtype=torch.float64), upper=True)
+    mix = torch.kron(whiten.contiguous(), torch.eye(taps, dtype=torch.float64))  # on (r, tap) coefficients
+    g = torch.linalg.lstsq(design @ mix, residual, driver="gelsd").solution
+    lam = (mix @ g).T.reshape(channels, rank, *w0.shape[2:]).movedim(0, out_dim)
+    return lam.to(device=w0.device, dtype=w0.dtype)
+
+
+def _design_matrix(t, args, kwargs, q, output_crop=None):
+    """The layer's output change per unit of each ``lam`` coefficient of one output
+    channel, [positions, r * taps] in float64 (positions: batch and space, flattened).
+
+    Found by probing, so any padding, stride or gain of the weight module is honoured:
+    output channel ``o`` depends only on row ``o`` of the weight, so one forward pass
+    probes as many coefficients as there are output channels.
+    """
+    w = t.weight.detach()
+    out_dim = 1 - t.in_dim
+    channels, rank = w.shape[out_dim], q.shape[0]
+    per_channel = rank * (w[0, 0].numel() if w.dim() > 2 else 1)
+    params = {name: p.detach().double() for name, p in t.module.named_parameters()}
+    params.update({name: b.double() if b.is_floating_point() else b for name, b in t.module.named_buffers()})
+    args64 = tuple(a.double() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+    qd = q.double()
+
+    def output(lam):  # the output with the stored weight replaced by lam x_in D alone
+        weights = dict(params, **{t.local_param: expand(lam.movedim(0, out_dim), qd, t.in_dim)})
+        out = crop(functional_call(t.module, weights, args64, kwargs or {}), output_crop)
+        return out.movedim(1, -1).reshape(-1, channels)
+
+    lam_shape = (channels, rank, *w.shape[2:])
+    bias_only = output(torch.zeros(lam_shape, dtype=torch.float64, device=w.device))
+    columns = []
+    for first in range(0, per_channel, channels):
+        count = min(channels, per_channel - first)
+        probe = torch.zeros(channels, per_channel, dtype=torch.float64, device=w.device)
+        probe[torch.arange(count), first + torch.arange(count)] = 1
+        columns.append((output(probe.reshape(lam_shape)) - bias_only)[:, :count])
+    return torch.cat(columns, 1).cpu()

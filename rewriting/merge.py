@@ -27,6 +27,7 @@ from rewriting.delta import EditDelta, expand
 from rewriting.errors import EditRequestError, IncompatibleError
 from rewriting.insert import InsertConfig, _closed_form, _loss_fn, _optimize
 from rewriting.layers import layer_forward, target_weight
+from rewriting.values import crop
 
 DIRECTION_TOLERANCE = 1e-6  # singular values below this (relative to the largest) add no direction
 
@@ -107,11 +108,12 @@ def merge_rules(model, layer, rules, config=None, base_sha256="", progress=None,
     q = union_basis([rule.directions for rule in rules]).to(device=w0.device, dtype=w0.dtype)
     loss_fn = _loss_fn(config.loss)
     cases = [(tuple(a.to(w0.device) if torch.is_tensor(a) else a for a in _args(rule.targets.inputs)),
-              rule.targets.kwargs, rule.targets.values.detach().to(w0.device)) for rule in rules]
+              rule.targets.kwargs, rule.targets.values.detach().to(w0.device), rule.targets.output_crop)
+             for rule in rules]
 
     def rule_loss(i, weight):
-        args, kwargs, values = cases[i]
-        return loss_fn(layer_forward(model, t, args, weight=weight, kwargs=kwargs), values)
+        args, kwargs, values, output_crop = cases[i]
+        return loss_fn(crop(layer_forward(model, t, args, weight=weight, kwargs=kwargs), output_crop), values)
 
     def joint_loss(weight):
         return sum(rule_loss(i, weight) for i in range(len(cases))) / len(cases)
@@ -148,8 +150,8 @@ def _args(inputs):
 
 def _joint_closed_form(model, t, cases, q):
     """Least squares over every rule's keys at once (one rule's closed form, stacked)."""
-    if any(len(args) != 1 or kwargs for args, kwargs, _ in cases):
+    if any(len(args) != 1 or kwargs for args, kwargs, _, _ in cases):
         raise EditRequestError("method", "closed_form merges need a linear target layer with one input")
-    keys = torch.cat([args[0].reshape(-1, args[0].shape[-1]) for args, _, _ in cases])
-    values = torch.cat([values.reshape(-1, values.shape[-1]) for _, _, values in cases])
+    keys = torch.cat([args[0].reshape(-1, args[0].shape[-1]) for args, _, _, _ in cases])
+    values = torch.cat([values.reshape(-1, values.shape[-1]) for _, _, values, _ in cases])
     return _closed_form(model, t, (keys,), None, values, q)

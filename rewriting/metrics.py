@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from rewriting.layers import get_module, layer_forward, model_device
 from rewriting.render import generate
+from rewriting.values import crop
 
 
 def feature_layer_of(segmenter, feature_layer=None):
@@ -114,10 +115,11 @@ def feature_distance(before, after, outside):
     return ((d * weight).sum() / weight.sum()).item()
 
 
-def constraint_loss(model, layer, inputs, values, kwargs=None):
-    """Mean absolute error between ``layer``'s output on ``inputs`` and the target ``values``."""
+def constraint_loss(model, layer, inputs, values, kwargs=None, output_crop=None):
+    """Mean absolute error between ``layer``'s output on ``inputs`` (cut to ``output_crop``,
+    see ``EditTargets``) and the target ``values``."""
     with torch.no_grad():
-        out = layer_forward(model, layer, inputs, kwargs=kwargs)
+        out = crop(layer_forward(model, layer, inputs, kwargs=kwargs), output_crop)
         return F.l1_loss(out, values.to(out)).item()
 
 
@@ -146,5 +148,5 @@ def edit_metrics(base, edited, segmenter, seeds, source_class, target_class=None
         unwanted_pixel_change=unwanted_pixel_change(before, after, outside),
         unwanted_feature_distance=feature_distance(before_features, after_features, outside),
         constraint_loss=None if targets is None else constraint_loss(
-            edited, targets.layer, targets.inputs, targets.values, targets.kwargs),
+            edited, targets.layer, targets.inputs, targets.values, targets.kwargs, targets.output_crop),
     )

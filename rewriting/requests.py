@@ -46,7 +46,10 @@ class EditParams:
     The insert fields mirror ``rewriting.insert.InsertConfig`` (see there).
     """
 
-    rank: int = 1  # rank of the update: number of context directions
+    # Rank of the update: the number of context directions, or "full": every key direction
+    # (the layer unconstrained along its inputs; with closed_form, the paper's constrained
+    # least squares at the pasted keys, the least change in the C metric).
+    rank: int | str = 1
     lr: float = 0.05  # Adam step size of the insert optimization
     steps: int = 2001  # maximum optimization steps (the plateau stop may end sooner)
     # Insert method (rewriting.insert). "lambda" optimizes W0 + Lambda D^T directly, the
@@ -58,6 +61,10 @@ class EditParams:
     projection_interval: int = 10  # projected method: project onto the context every N steps
     drank: int = 30  # erase: number of most salient key units zeroed
     tight_paste: bool = True  # optimize over the tight crop around the paste (else the whole map)
+    # Tight crop: keep the kernel's reach of neighbouring keys around it and fit only the
+    # output over the crop, so its border cells see their true neighbours (false: the crop
+    # is run alone, its border seen through the layer's padding, as the original code does).
+    halo: bool = False
     alpha_area: bool = True  # composite the copied value by its soft mask (else its bounding box)
     loss: str = "l1"  # insert loss between the layer's output and the target values
     lr_scale: str = "weight_rms"  # multiply lr by the weight's RMS ("none": raw lr)
@@ -67,6 +74,8 @@ class EditParams:
     def to_json(self) -> dict:
         return asdict(self)
 
+
+FULL_RANK = "full"  # EditParams.rank: every key direction
 
 # Allowed values: choices for strings, (low, high, low inclusive) ranges for numbers.
 PARAM_CHOICES = {
@@ -320,7 +329,11 @@ def parse_params(obj, field="params") -> EditParams:
         if name not in types:
             raise EditRequestError(where, f"unknown parameter; expected one of {sorted(types)}")
         kind = types[name]
-        if kind is bool:
+        if name == "rank" and value == FULL_RANK:
+            pass
+        elif name == "rank" and not _is_number(value):
+            raise EditRequestError(where, f"must be a positive integer or {FULL_RANK!r}, not {value!r}")
+        elif kind is bool:
             if not isinstance(value, bool):
                 raise EditRequestError(where, f"must be true or false, not {value!r}")
         elif kind is str:
@@ -331,7 +344,7 @@ def parse_params(obj, field="params") -> EditParams:
                 raise EditRequestError(where, f"must be a number, not {value!r}")
             if not math.isfinite(value):
                 raise EditRequestError(where, f"must be finite, not {value}")
-            if kind is int:
+            if kind is int or name == "rank":
                 if isinstance(value, float) and not value.is_integer():
                     raise EditRequestError(where, f"must be an integer, not {value!r}")
                 value = int(value)
@@ -361,8 +374,11 @@ def count_keys(request: EditRequest, key_size) -> int:
 
 
 def check_rank(request: EditRequest, key_size, key_channels) -> None:
-    """The update's rank can exceed neither the number of context keys nor their dimension."""
+    """The update's rank can exceed neither the number of context keys nor their dimension
+    ("full" takes every key direction, whatever the context)."""
     rank = request.params.rank
+    if rank == FULL_RANK:
+        return
     keys = count_keys(request, key_size)
     if rank > keys:
         raise EditRequestError("params.rank", f"rank {rank} is above the number of context keys ({keys})")

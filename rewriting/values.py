@@ -110,6 +110,8 @@ def crop_bounds(value_bounds, key_size, value_size):
 
 
 def crop(tensor, bounds):
-    """``tensor`` [..., H, W] cropped to (t, l, b, r)."""
+    """``tensor`` [..., H, W] cropped to (t, l, b, r); all of it for None."""
+    if bounds is None:
+        return tensor
     t, l, b, r = bounds
     return tensor[..., t:b, l:r]

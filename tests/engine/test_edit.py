@@ -1,14 +1,16 @@
 """run_edit end to end on a tiny equalized-lr generator, and the values it fits."""
+from dataclasses import replace
+
 import pytest
 import torch
 
 from rewriting.delta import apply_deltas
 from rewriting.edit import EditParams, edit_targets, run_edit
 from rewriting.errors import Cancelled, EditRequestError, IncompatibleError, UnknownLayer
-from rewriting.layers import editable_layers
+from rewriting.layers import Trace, editable_layers, layer_forward, sample_inputs
 from rewriting.metrics import constraint_loss
 from rewriting.requests import parse_request
-from rewriting.values import center
+from rewriting.values import center, crop
 
 from .edit_fixtures import LAYER, copy_request, engine_device, erase_request, tiny_generator, tiny_moment
 
@@ -33,17 +35,38 @@ def test_copy_targets_shapes_and_paste_centre(model, moment, info):
     t = edit_targets(model, info, request, moment)
     # copy box = top-left 4x4 of the 8x8 map, pasted centred on the bottom-right 4x4.
     assert t.values.shape == (1, 8, 4, 4)
-    assert t.inputs[0].shape == (1, 8, 4, 4)
     assert t.value_bounds == (4, 4, 8, 8)
+    assert t.inputs[0].shape == (1, 8, 4, 4) and t.output_crop is None
+    # with a halo the keys keep one more cell for the 3x3 kernel, cut off by the map's edge
+    halo = edit_targets(model, info, parse_request(copy_request(halo=True)), moment)
+    assert halo.inputs[0].shape == (1, 8, 5, 5) and halo.output_crop == (1, 1, 5, 5)
+    assert torch.equal(halo.values, t.values)
     tb, lb, bb, rb = t.value_bounds
     assert ((tb + bb) // 2, (lb + rb) // 2) == (6, 6)
     # context: 16 cells of seed 2 and 16 of seed 3
     assert t.context_keys.shape == (32, 8) and t.context_weights.shape == (32,)
     # the pasted values are the object's values (hard box: alpha 1 everywhere)
-    from rewriting.layers import Trace, sample_inputs
     with torch.no_grad(), Trace(model, LAYER, stop=True) as tr:
         model(sample_inputs(model, [1]))
     assert torch.allclose(t.values, tr.output[:, :, :4, :4])
+
+
+def test_the_crop_sees_true_neighbours(model, moment, info):
+    """With a halo, the layer's output over the crop is the whole map's, bit for bit
+    (zero padding at the crop's edge changes the border cells: the test would fail without it)."""
+    request = parse_request(copy_request(alpha_area=False, halo=True)
+                            | {"paste": {"seed": 2, "mask": [0.25, 0.25, 0.75, 0.75]}})
+    t = edit_targets(model, info, request, moment)
+    assert t.value_bounds == (2, 2, 6, 6) and t.inputs[0].shape == (1, 8, 6, 6) and t.output_crop == (1, 1, 5, 5)
+    with torch.no_grad(), Trace(model, LAYER, stop=True) as tr:
+        model(sample_inputs(model, [2]))
+    with torch.no_grad():
+        on_crop = layer_forward(model, LAYER, t.inputs, kwargs=t.kwargs)
+    assert torch.equal(on_crop[:, :, 1:5, 1:5], tr.output[:, :, 2:6, 2:6])
+    alone = edit_targets(model, info, replace(request, params=replace(request.params, halo=False)), moment)
+    with torch.no_grad():
+        assert not torch.allclose(layer_forward(model, LAYER, alone.inputs, kwargs=alone.kwargs),
+                                  tr.output[:, :, 2:6, 2:6])
 
 
 def test_paste_lands_at_paste_region_centre_when_sizes_differ(model, moment, info):
@@ -70,7 +93,7 @@ def test_erase_targets(model, moment, info):
     assert len(t.erased_units) == 3 and len(set(t.erased_units)) == 3
     assert t.values.shape == (1, 8, 4, 4) and t.value_bounds == (2, 2, 6, 6)
     with torch.no_grad():
-        before = model.layer3(t.inputs[0])
+        before = crop(model.layer3(t.inputs[0]), t.output_crop)
     assert not torch.allclose(before, t.values)  # erasing changes the target
 
 
@@ -98,7 +121,8 @@ def test_run_edit_lowers_constraint_loss_and_changes_only_the_target(model, mome
     model.load_state_dict(edited)
     try:
         t = result.targets
-        assert constraint_loss(model, LAYER, t.inputs, t.values) == pytest.approx(result.constraint_loss, rel=1e-4)
+        assert constraint_loss(model, LAYER, t.inputs, t.values, output_crop=t.output_crop) == pytest.approx(
+            result.constraint_loss, rel=1e-4)
     finally:
         model.load_state_dict(before)
     assert [p for p, _, _ in phases[:3]] == ["values", "directions", "insert"]
@@ -189,3 +213,18 @@ def test_request_choices_and_defaults_agree_with_the_math_core():
     defaults = EditParams()
     for name, value in InsertConfig().as_dict().items():
         assert getattr(defaults, name) == value, name
+
+
+def test_closed_form_edits_the_weight_module_with_the_blocks_statistic(model, moment):
+    """layer3.conv has layer3's keys, so layer3's statistic serves it; the solve is exact at
+    the pasted keys (more unknowns than constraints), in pre-activation values."""
+    result = run_edit(model, LAYER + ".conv", copy_request(method="closed_form", rank=2, loss="mse", halo=True),
+                      moment)
+    assert result.steps == 0 and result.delta.param == "layer3.conv.weight"
+    assert result.constraint_loss < 1e-6 * result.initial_loss
+    # rank "full": every key direction, the least change in the C metric; exact at the paste
+    full = run_edit(model, LAYER + ".conv", copy_request(method="closed_form", rank="full", loss="mse"), moment)
+    assert full.delta.rank == 8 and full.constraint_loss < 1e-6 * full.initial_loss
+    with pytest.raises(EditRequestError) as e:  # the block's output is not linear in its weight
+        run_edit(model, LAYER, copy_request(method="closed_form"), moment)
+    assert e.value.field == "params.method" and "'layer3.conv'" in e.value.message

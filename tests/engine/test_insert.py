@@ -2,15 +2,16 @@ from collections import OrderedDict
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from rewriting.delta import expand
-from rewriting.directions import covariance_adjusted_keys
+from rewriting.directions import covariance_adjusted_keys, regularized
 from rewriting.errors import Cancelled, EditRequestError
 from rewriting.insert import InsertConfig, insert, orthonormal_basis
 from rewriting.layers import layer_forward
 from rewriting.statistics import SecondMoment
-from tests.engine.tiny_models import EqualConv2d, EqualLinear
+from tests.engine.tiny_models import EqualBlock, EqualConv2d, EqualLinear
 
 
 def linear_problem(n_in=8, n_out=5, n_keys=3, seed=0, layer=None):
@@ -234,9 +235,64 @@ def test_bad_directions_and_closed_form_on_nonlinear_layer():
     with pytest.raises(EditRequestError) as e:
         insert(model, "conv", (x,), target, torch.ones(2, 64))  # dependent rows
     assert e.value.field == "rank"
+    block = nn.Sequential(OrderedDict(block=EqualBlock(64, 64))).eval().requires_grad_(False)
     with pytest.raises(EditRequestError) as e:
-        insert(model, "conv", (x,), target, d, InsertConfig(method="closed_form"))
-    assert e.value.field == "method"
+        insert(block, "block", (x,), target, d, InsertConfig(method="closed_form"))
+    assert e.value.field == "method" and "'block.conv'" in e.value.message
+
+
+def _conv_layer(kind, c_in, c_out):
+    torch.manual_seed(1)
+    return {"equalized": lambda: EqualConv2d(c_in, c_out, 3, padding=1),
+            "default_init": lambda: nn.Conv2d(c_in, c_out, 3, padding=1),
+            "transposed": lambda: nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1)}[kind]()
+
+
+@pytest.mark.parametrize("kind", ["equalized", "default_init", "transposed"])
+def test_closed_form_on_a_convolution_reaches_a_reachable_target(kind):
+    """A target made by a rank-1 change along D is met exactly, and that change is found."""
+    torch.manual_seed(0)
+    conv = _conv_layer(kind, 16, 8)
+    model = nn.Sequential(OrderedDict(conv=conv)).double().eval().requires_grad_(False)
+    x = torch.relu(torch.randn(2, 16, 5, 5, dtype=torch.float64))
+    d = orthonormal_basis(torch.randn(1, 16, dtype=torch.float64))
+    in_dim = 0 if kind == "transposed" else 1
+    lam_true = torch.randn(conv.weight.shape[:in_dim] + (1,) + conv.weight.shape[in_dim + 1:], dtype=torch.float64)
+    target = layer_forward(model, "conv", (x,), weight=conv.weight + expand(lam_true, d, in_dim))
+    r = insert(model, "conv", (x,), target, d, InsertConfig(method="closed_form", loss="mse"))
+    assert r.loss < 1e-20 * r.initial_loss
+    assert torch.allclose(r.lam, lam_true, atol=1e-9)
+
+
+def test_closed_form_on_a_convolution_takes_the_least_change_in_the_c_metric():
+    """All key directions, more unknowns than constraints: the solve meets W K* = V* at every
+    output location, and among all such weights it minimizes sum_tap tr(dW_tap C dW_tap^T),
+    checked against the KKT solution built from the unfolded keys (not the probing)."""
+    g = torch.Generator().manual_seed(3)
+    c_in, c_out = 6, 4
+    conv = EqualConv2d(c_in, c_out, 3, padding=1)
+    model = nn.Sequential(OrderedDict(conv=conv)).double().eval().requires_grad_(False)
+    mix = torch.eye(c_in, dtype=torch.float64) + 0.5 * torch.randn(c_in, c_in, generator=g, dtype=torch.float64)
+    stat = SecondMoment(c_in).update(torch.randn(500, c_in, generator=g, dtype=torch.float64) @ mix)
+    x = torch.randn(1, c_in, 3, 3, generator=g, dtype=torch.float64)  # 9 constraints per output channel
+    target = torch.randn(1, c_out, 3, 3, generator=g, dtype=torch.float64)
+    r = insert(model, "conv", (x,), target, torch.eye(c_in, dtype=torch.float64),
+               InsertConfig(method="closed_form", loss="mse"), moment=stat)
+    assert r.loss < 1e-20
+    dw = expand(r.lam, r.directions, 1)  # [c_out, c_in, 3, 3], stored units
+    # brute force: out change = gain * U^T vec(dW_o), U the unfolded keys [c_in * 9, 9]
+    u = conv.weight_gain * F.unfold(x, 3, padding=1)[0]
+    # the objective's metric on (c_in, tap): C with the engine's documented ridge
+    h = torch.kron(regularized(stat), torch.eye(9, dtype=torch.float64))
+    residual = (target - layer_forward(model, "conv", (x,))).reshape(c_out, 9)
+    hu = torch.linalg.solve(h, u)
+    best = (hu @ torch.linalg.solve(u.T @ hu, residual.T)).T  # H^-1 U (U^T H^-1 U)^-1 r, per output row
+    assert torch.allclose(dw.reshape(c_out, -1), best, rtol=1e-7, atol=1e-9 * best.abs().max())
+    # and the metric matters: the Euclidean least change is another, costlier weight
+    plain = insert(model, "conv", (x,), target, torch.eye(c_in, dtype=torch.float64),
+                   InsertConfig(method="closed_form", loss="mse"))
+    cost = lambda w: torch.einsum("oa,ab,ob->", w.reshape(c_out, -1), h, w.reshape(c_out, -1))  # noqa: E731
+    assert cost(expand(plain.lam, plain.directions, 1)) > 1.01 * cost(dw)
 
 
 def test_insert_runs_on_the_model_device(device):

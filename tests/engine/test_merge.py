@@ -11,6 +11,7 @@ from rewriting.errors import EditRequestError, IncompatibleError
 from rewriting.insert import InsertConfig
 from rewriting.layers import layer_forward
 from rewriting.merge import Rule, merge_rules, union_basis
+from rewriting.values import crop
 
 from .edit_fixtures import LAYER, copy_request, engine_device, erase_request, tiny_generator, tiny_moment
 
@@ -81,8 +82,9 @@ def test_merged_rules_each_lower_their_loss_and_beat_the_deltas_stacked(model, e
 
     loss_fn = _loss_fn("l1")
     with torch.no_grad():
-        stacked_loss = sum(loss_fn(layer_forward(model, LAYER, r.targets.inputs, weight=stacked,
-                                                 kwargs=r.targets.kwargs), r.targets.values).item()
+        stacked_loss = sum(loss_fn(crop(layer_forward(model, LAYER, r.targets.inputs, weight=stacked,
+                                                      kwargs=r.targets.kwargs), r.targets.output_crop),
+                                   r.targets.values).item()
                            for r in results) / len(results)
     assert merged.loss < stacked_loss
     assert merged.loss == pytest.approx(sum(x.merged_loss for x in merged.losses) / 3, rel=1e-5)

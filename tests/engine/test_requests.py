@@ -151,6 +151,10 @@ BOX = [0.0, 0.0, 0.5, 0.5]
          "params.rank"),
         ({"copy": {"seed": 1, "mask": BOX}, "paste": {"seed": 2, "mask": BOX}, "params": {"rank": 1.5}},
          "params.rank"),
+        ({"copy": {"seed": 1, "mask": BOX}, "paste": {"seed": 2, "mask": BOX}, "params": {"rank": "all"}},
+         "params.rank"),
+        ({"copy": {"seed": 1, "mask": BOX}, "paste": {"seed": 2, "mask": BOX}, "params": {"rank": True}},
+         "params.rank"),
         ({"copy": {"seed": 1, "mask": BOX}, "paste": {"seed": 2, "mask": BOX}, "params": {"method": "x"}},
          "params.method"),
         ({"copy": {"seed": 1, "mask": BOX}, "paste": {"seed": 2, "mask": BOX}, "params": {"bogus": 1}},
@@ -210,6 +214,10 @@ def test_rank_above_number_of_keys():
     with pytest.raises(EditRequestError) as info:
         check_rank(ok, (8, 8), key_channels=3)
     assert info.value.field == "params.rank"
+    # "full" takes every key direction, however few context keys there are
+    full = parse_request({"paste": {"seed": 2, "mask": BOX}, "operation": "erase", "params": {"rank": "full"}})
+    assert full.params.rank == "full" and full.to_json()["params"]["rank"] == "full"
+    check_rank(full, (4, 4), key_channels=16)
 
 
 def test_requests_module_does_not_import_torch():
