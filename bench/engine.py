@@ -12,6 +12,9 @@
    loss, and the peak of tensor memory each allocates beyond what exists before it
    (CUDA: max_memory_allocated; CPU: the torch profiler's allocation events, on a
    30-step run, since the peak is reached in the first steps).
+3. Closed form: on the same edit at the block's convolution (``layer5.conv``, values
+   before the activation), the final MSE and wall time of lambda (rank 1) and of
+   closed_form (5c) at rank 1 and along every key direction.
 
 Uses demo/weights/generator.safetensors when present, else the demo Generator
 architecture with random (untrained) weights.
@@ -193,6 +196,24 @@ def bench_insert(model, layer, n_stat=256, timing_steps=200):
     return results, reach
 
 
+def bench_closed_form(model, layer, n_stat=256):
+    """closed_form (5c) on the block's convolution against lambda on the same problem (MSE)."""
+    conv = f"{layer}.conv"
+    stat = compute_second_moment(model, conv, range(n_stat), batch_size=64)
+    inputs, target, directions = edit_problem(model, conv, stat)
+    full = torch.eye(directions.shape[1], device=directions.device)
+    print(f"\n== closed form: layer {conv} (pre-activation values), the same paste edit, MSE; "
+          f"goal crop {tuple(target.shape)}")
+    rows = [("lambda (5b), rank 1, 2001 steps", InsertConfig(loss="mse", plateau_patience=0), directions),
+            ("closed_form (5c), rank 1", InsertConfig(method="closed_form", loss="mse"), directions),
+            (f"closed_form (5c), full ({full.shape[0]})", InsertConfig(method="closed_form", loss="mse"), full)]
+    for name, cfg, d in rows:
+        t0 = time.perf_counter()
+        r = insert(model, conv, inputs, target, d, cfg, moment=stat)
+        sync(model_device(model))
+        print(f"  {name:34s} loss {r.initial_loss:.5f} -> {r.loss:.6f}  {time.perf_counter() - t0:.3f} s")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--layer", default="layer5")
@@ -215,6 +236,7 @@ def main():
                   f"compute_second_moment {r['stats']:9.1f} ({100 * r['overhead']:+.1f}% time over the floor)")
     if args.part in ("all", "insert"):
         bench_insert(model, args.layer)
+        bench_closed_form(model, args.layer)
 
 
 if __name__ == "__main__":
