@@ -48,8 +48,7 @@ from demo.artifacts import GENERATOR_PATH, SEGMENTER_PATH, load_weights  # noqa:
 from demo.examples import EDITS, load_eval_requests  # noqa: E402
 from demo.scenes import DOME, SPIRE, TREE  # noqa: E402
 from rewriting.delta import applied  # noqa: E402
-from rewriting.edit import edit_targets, insert_config, run_edit  # noqa: E402
-from rewriting.insert import insert  # noqa: E402
+from rewriting.edit import edit_targets, fit_targets, insert_config, run_edit  # noqa: E402
 from rewriting.layers import Trace, editable_layers, get_module, sample_inputs  # noqa: E402
 from rewriting.metrics import edit_success, feature_distance, segment, unwanted_pixel_change  # noqa: E402
 from rewriting.render import generate, image_grid  # noqa: E402
@@ -225,13 +224,9 @@ def main(argv=None):
                 random_dir = torch.randn(1, infos[layer].key_channels, generator=gen)
                 conditions = {
                     "rank1": ("delta", result.delta),
-                    "random": ("delta", insert(G, layer, targets.inputs, targets.values, random_dir, config,
-                                               kwargs=targets.kwargs, moment=moment,
-                                               output_crop=targets.output_crop).delta("")),
-                    "fullrank": ("delta", insert(G, layer, targets.inputs, targets.values,
-                                                 torch.eye(infos[layer].key_channels), config,
-                                                 kwargs=targets.kwargs, moment=moment,
-                                                 output_crop=targets.output_crop).delta("")),
+                    "random": ("delta", fit_targets(G, targets, random_dir, config, moment).delta("")),
+                    "fullrank": ("delta", fit_targets(G, targets, torch.eye(infos[layer].key_channels), config,
+                                                      moment).delta("")),
                     "finetune": ("model", ft),
                 }
                 if edit != "add_tree":

@@ -27,8 +27,7 @@ from demo.artifacts import GENERATOR_PATH, SEGMENTER_PATH, load_weights  # noqa:
 from demo.examples import load_eval_requests  # noqa: E402
 from demo_eval import STAT_SEEDS, HeldOut, measure  # noqa: E402
 from rewriting.delta import applied  # noqa: E402
-from rewriting.edit import insert_config, run_edit  # noqa: E402
-from rewriting.insert import insert  # noqa: E402
+from rewriting.edit import fit_targets, insert_config, run_edit  # noqa: E402
 from rewriting.layers import editable_layers  # noqa: E402
 from rewriting.requests import parse_request  # noqa: E402
 from rewriting.statistics import compute_second_moment  # noqa: E402
@@ -59,8 +58,7 @@ def main():
             result = run_edit(G, args.layer, request, moment)
             t, config = result.targets, insert_config(request.params)
             directions = torch.randn(rank, keys, generator=torch.Generator().manual_seed(pair)).to(args.device)
-            control = insert(G, args.layer, t.inputs, t.values, directions, config, kwargs=t.kwargs,
-                             moment=moment, output_crop=t.output_crop).delta("")
+            control = fit_targets(G, t, directions, config, moment).delta("")
             for name, delta in (("edit", result.delta), ("random", control)):
                 with applied(G, [delta]):
                     figures, _ = measure("dome_to_spire", held, G, S)

@@ -167,9 +167,8 @@ def run_insert(model, layer, problem, method):
             "peak_bytes": peak, "weight_bytes": r.lam.element_size() * model.get_parameter(r.param).numel()}
 
 
-def bench_insert(model, layer, n_stat=256, timing_steps=200):
+def bench_insert(model, layer, stat, timing_steps=200):
     device = model_device(model)
-    stat = compute_second_moment(model, layer, range(n_stat), batch_size=64)
     problem = edit_problem(model, layer, stat)
     results = {m: run_insert(model, layer, problem, m) for m in ("projected", "lambda")}
     runs = [lambda m=m: insert(model, layer, *problem, InsertConfig(method=m, steps=timing_steps,
@@ -196,10 +195,10 @@ def bench_insert(model, layer, n_stat=256, timing_steps=200):
     return results, reach
 
 
-def bench_closed_form(model, layer, n_stat=256):
-    """closed_form (5c) on the block's convolution against lambda on the same problem (MSE)."""
+def bench_closed_form(model, layer, stat):
+    """closed_form (5c) on the block's convolution against lambda on the same problem (MSE);
+    ``stat``: the block's statistic (its convolution has the same keys)."""
     conv = f"{layer}.conv"
-    stat = compute_second_moment(model, conv, range(n_stat), batch_size=64)
     inputs, target, directions = edit_problem(model, conv, stat)
     full = torch.eye(directions.shape[1], device=directions.device)
     print(f"\n== closed form: layer {conv} (pre-activation values), the same paste edit, MSE; "
@@ -235,8 +234,9 @@ def main():
             print(f"  batch {r['batch']:5d}: floor {r['floor']:9.1f}, forward + update {r['update']:9.1f}, "
                   f"compute_second_moment {r['stats']:9.1f} ({100 * r['overhead']:+.1f}% time over the floor)")
     if args.part in ("all", "insert"):
-        bench_insert(model, args.layer)
-        bench_closed_form(model, args.layer)
+        stat = compute_second_moment(model, args.layer, range(256), batch_size=64)
+        bench_insert(model, args.layer, stat)
+        bench_closed_form(model, args.layer, stat)
 
 
 if __name__ == "__main__":

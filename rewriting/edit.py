@@ -30,7 +30,7 @@ from rewriting.values import (
     zero_units,
 )
 
-__all__ = ["EditParams", "EditResult", "EditTargets", "edit_targets", "run_edit"]
+__all__ = ["EditParams", "EditResult", "EditTargets", "edit_targets", "fit_targets", "run_edit"]
 
 
 @dataclass
@@ -171,6 +171,15 @@ def insert_config(params):
                         plateau_tolerance=params.plateau_tolerance)
 
 
+def fit_targets(model, targets, directions, config, moment, progress=None, should_stop=None):
+    """The insert step of an edit: the rule mapping ``targets`` (an ``EditTargets``) along
+    ``directions``, compared over its output crop, with ``moment`` as closed_form's metric.
+    ``run_edit`` uses it; so do the benchmarks' controls, which must fit as the edit does."""
+    return insert(model, targets.layer, targets.inputs, targets.values, directions, config,
+                  kwargs=targets.kwargs, progress=progress, should_stop=should_stop, moment=moment,
+                  output_crop=targets.output_crop)
+
+
 def run_edit(model, layer, request, moment, params=None, progress=None, should_stop=None, base_sha256=""):
     """Make one edit of ``model`` at ``layer`` and return it as an ``EditResult``.
 
@@ -226,9 +235,7 @@ def run_edit(model, layer, request, moment, params=None, progress=None, should_s
         phase("insert")
         config = insert_config(params)
         report = None if progress is None else (lambda step, loss: progress("insert", step, loss))
-        result = insert(model, layer, targets.inputs, targets.values, directions, config,
-                        kwargs=targets.kwargs, progress=report, should_stop=should_stop, moment=moment,
-                        output_crop=targets.output_crop)
+        result = fit_targets(model, targets, directions, config, moment, progress=report, should_stop=should_stop)
     except EditRequestError as e:
         raise _params_field(e) from e
     delta = result.delta(base_sha256, config={

@@ -329,11 +329,14 @@ def parse_params(obj, field="params") -> EditParams:
         if name not in types:
             raise EditRequestError(where, f"unknown parameter; expected one of {sorted(types)}")
         kind = types[name]
-        if name == "rank" and value == FULL_RANK:
-            pass
-        elif name == "rank" and not _is_number(value):
-            raise EditRequestError(where, f"must be a positive integer or {FULL_RANK!r}, not {value!r}")
-        elif kind is bool:
+        if name == "rank":  # a count, or the word FULL_RANK
+            if value == FULL_RANK:
+                values[name] = value
+                continue
+            if not _is_number(value):
+                raise EditRequestError(where, f"must be a positive integer or {FULL_RANK!r}, not {value!r}")
+            kind = int
+        if kind is bool:
             if not isinstance(value, bool):
                 raise EditRequestError(where, f"must be true or false, not {value!r}")
         elif kind is str:
@@ -344,7 +347,7 @@ def parse_params(obj, field="params") -> EditParams:
                 raise EditRequestError(where, f"must be a number, not {value!r}")
             if not math.isfinite(value):
                 raise EditRequestError(where, f"must be finite, not {value}")
-            if kind is int or name == "rank":
+            if kind is int:
                 if isinstance(value, float) and not value.is_integer():
                     raise EditRequestError(where, f"must be an integer, not {value!r}")
                 value = int(value)

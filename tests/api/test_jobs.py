@@ -71,6 +71,7 @@ INVALID = [
     ("params-not-object", {"params": [1]}, 422, "invalid_request", "params"),
     ("params-unknown", {"params": {"speed": 3}}, 422, "invalid_request", "params.speed"),
     ("params-rank-zero", {"params": {"rank": 0}}, 422, "invalid_request", "params.rank"),
+    ("params-rank-word", {"params": {"rank": "all"}}, 422, "invalid_request", "params.rank"),
     ("params-lr-string", {"params": {"lr": "fast"}}, 422, "invalid_request", "params.lr"),
     ("params-method", {"params": {"method": "magic"}}, 422, "invalid_request", "params.method"),
     ("params-samples", {"params": {"samples": 0}}, 422, "invalid_request", "params.samples"),
@@ -155,6 +156,8 @@ def test_unreadable_body_is_400(client, alice, data, content_type):
     {"layer": "layer3", "request": {"operation": "erase", "paste": {"seed": 4, "mask": png_url()}},
      "params": {"rank": 2, "steps": 10, "samples": 100}},
     {"layer": "fc", "request": EDIT, "params": {"rank": 1}},
+    # every key direction, whatever the number of context keys (16 here)
+    {"layer": "layer3", "request": EDIT, "params": {"rank": "full", "method": "closed_form", "halo": True}},
 ])
 def test_valid_submission_is_queued_once_on_gpu(app, client, alice, model, body):
     response = submit(client, alice, {"model": model, **body})
