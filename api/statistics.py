@@ -2,7 +2,8 @@
 
 A statistic depends only on the checkpoint's bytes, the layer and the images it was
 computed over, so rows are keyed by ``(model_sha256, layer, sample_spec)`` and shared
-by every tenant with a model of those bytes; a tenant sees the statistics of the
+by every tenant (the layer is the module holding the weight, whose input the keys are:
+a statistic asked for ``layer6`` is the row of ``layer6.conv``, ``storage.statistics.keys_layer``) with a model of those bytes; a tenant sees the statistics of the
 models it can use, and no others. ``POST`` inserts the row if it is absent
 (``storage.statistics``, shared with the workers: concurrent requests meet on one
 row) and sends ``workers.statistics.compute_statistic(statistic_id)`` when the row is
@@ -21,7 +22,7 @@ from rewriting.errors import UnknownLayer as EngineUnknownLayer
 from rewriting.requests import check_layer
 from storage.db import get_session
 from storage.models import STATISTIC_STATUSES, Model, Statistic
-from storage.statistics import MAX_STAT_SAMPLES, insert_statistic, parse_sample_spec, sample_spec
+from storage.statistics import MAX_STAT_SAMPLES, insert_statistic, keys_layer, parse_sample_spec, sample_spec
 
 bp = Blueprint("statistics", __name__, url_prefix="/v1")
 
@@ -66,7 +67,9 @@ def list_statistics():
     models = visible_models(current_tenant_id(), args.get("model"))
     query = select(Statistic).where(Statistic.model_sha256.in_(list(models)))
     if (layer := args.get("layer")) is not None:
-        query = query.where(Statistic.layer == layer)
+        # a block's statistic is the row of its weight module (keys_layer): either name finds it
+        layer_lists = get_session().scalars(select(Model.layers).where(Model.sha256.in_(list(models))))
+        query = query.where(Statistic.layer.in_({layer} | {keys_layer(ls or [], layer) for ls in layer_lists}))
     if (status := args.get("status")) is not None:
         if status not in STATISTIC_STATUSES:
             raise ValidationError(f"must be one of {', '.join(STATISTIC_STATUSES)}", field="status")
@@ -104,6 +107,7 @@ def precompute_statistic():
         check_layer(layer, [info["name"] for info in model.layers])
     except EngineUnknownLayer as error:
         raise UnknownLayer(str(error), field="layer") from None
+    layer = keys_layer(model.layers, layer)
     samples = body.get("samples", current_app.config["PALIMPSEST_STAT_SAMPLES"])
     if isinstance(samples, bool) or not isinstance(samples, int) or not 1 <= samples <= MAX_STAT_SAMPLES:
         raise ValidationError(f"must be an integer in [1, {MAX_STAT_SAMPLES}] (images)", field="samples")
@@ -134,7 +138,8 @@ OPENAPI_SCHEMAS = {
             "id": {"type": "string"},
             "model": {"type": "string", "description": "A model of yours (or shared) with these bytes"},
             "model_sha256": {"type": "string"},
-            "layer": {"type": "string"},
+            "layer": {"type": "string", "description": "The module whose input the keys are: the weight module "
+                                                      "(layer6.conv for a request naming layer6)"},
             "sample_spec": {"type": "string", "description": "seeds:<start>-<stop>, stop excluded"},
             "samples": {"type": "integer", "description": "Images (seeds) in the spec"},
             "status": {"enum": list(STATISTIC_STATUSES)},
@@ -175,7 +180,8 @@ OPENAPI_PATHS = {
             "security": SECURED,
             "parameters": [
                 {"name": "model", "in": "query", "schema": {"type": "string"}},
-                {"name": "layer", "in": "query", "schema": {"type": "string"}},
+                {"name": "layer", "in": "query", "schema": {"type": "string"},
+                 "description": "A layer the statistic serves: a block or the weight module holding its keys"},
                 {"name": "status", "in": "query", "schema": {"enum": list(STATISTIC_STATUSES)}},
             ],
             "responses": {

@@ -11,6 +11,10 @@ Sample specs: ``seeds:<start>-<stop>``, the half-open range of seeds start..stop
 samples start at seed ``STAT_SEED_START`` = 100000, so they stay clear of the small
 seeds people name in edit requests, and below the held-out seeds of the edit metrics
 (from 1000000 up, ``rewriting.metrics.held_out_seeds``): at most 900000 samples.
+
+A statistic is of the keys of a weight module, so a block and the convolution inside it
+(``layer6``, ``layer6.conv``: the same keys) share one row, named by the weight module
+(``keys_layer``).
 """
 import re
 
@@ -38,6 +42,17 @@ def parse_sample_spec(spec: str) -> range:
     if not m or int(m.group(1)) >= int(m.group(2)):
         raise ValueError(f"sample spec must be 'seeds:<start>-<stop>' with start < stop, not {spec!r}")
     return range(int(m.group(1)), int(m.group(2)))
+
+
+def keys_layer(layers: list, layer: str) -> str:
+    """The layer a statistic for edits of ``layer`` is named by: the module holding its
+    weight, whose input the keys are (``layer6`` -> ``layer6.conv``), when the model's
+    layer list (``models.layers``, each with its ``param``) names it; else ``layer``."""
+    names = {info["name"]: info for info in layers}
+    if layer not in names:
+        return layer
+    holder = names[layer]["param"].removesuffix(".weight")
+    return holder if holder in names else layer
 
 
 def insert_statistic(session: Session, model_sha256: str, layer: str, spec: str) -> Statistic:

@@ -68,9 +68,10 @@ from workers.artifacts import ChecksumMismatch, cache_dir, fetch, put_bytes, put
 from workers.cache import WorkerCache
 from workers.device import resolve_device
 from workers.heartbeat import Heartbeat, worker_name
+from workers.models import layer_json
 from workers.params import split_params
 from workers.retry import STORE_ERRORS, retry_call, retry_transaction
-from storage.statistics import sample_spec
+from storage.statistics import keys_layer, sample_spec
 from workers.statistics import ensure_statistic, load_checkpoint, shard_sender
 
 log = logging.getLogger(__name__)
@@ -233,8 +234,10 @@ def run_claimed(session_factory, store, settings, lease, heartbeat, warm=None, s
     device = resolve_device(settings.device)
     # from the worker's cache when warm; never modified (see workers/cache.py)
     model = load_checkpoint(store, settings, plan.base_key, plan.base_sha256, warm)
-    if not plan.model.layers:  # else plan_job checked the layer against the inspection (a forward pass saved)
-        check_layer(layer, [info.name for info in editable_layers(model)])
+    layers = plan.model.layers
+    if not layers:  # else plan_job checked the layer against the inspection (a forward pass saved)
+        layers = [layer_json(info) for info in editable_layers(model)]
+        check_layer(layer, [info["name"] for info in layers])
     segmenter = None
     if plan.model.segmenter_object_key:
         key = plan.model.segmenter_object_key  # content-addressed: the key names the bytes
@@ -244,7 +247,7 @@ def run_claimed(session_factory, store, settings, lease, heartbeat, warm=None, s
     phase("statistics")
     spec = sample_spec(options.samples)
     moment, statistic = ensure_statistic(
-        session_factory, store, cache, model, plan.base_sha256, layer, spec, lease.owner,
+        session_factory, store, cache, model, plan.base_sha256, keys_layer(layers, layer), spec, lease.owner,
         settings.job_lease_seconds, heartbeat,
         progress=lambda done, total: progress.update("statistics", done, total),
         shard_samples=settings.shard_samples, warm=warm, send_shard=send_shard, retry_s=settings.db_retry_seconds)

@@ -6,7 +6,7 @@ from sqlalchemy import update
 from storage.models import Statistic
 from storage.statistics import parse_sample_spec, sample_spec
 from v1_helpers import (  # noqa: F401
-    add_model, add_statistic, alice, app, bob, client, config, model_sha256, queued, sessions,
+    LAYERS, add_model, add_statistic, alice, app, bob, client, config, model_sha256, queued, sessions,
 )
 
 
@@ -33,6 +33,19 @@ def test_precompute_inserts_once_and_queues_once(app, client, alice, model):
     assert len(queued(app)) == 1
     other = precompute(client, alice, model=model, layer="layer3", samples=2000)
     assert other.status_code == 202 and other.json["id"] != stat["id"]
+
+
+def test_a_block_and_its_weight_module_share_one_statistic(app, client, alice):
+    layers = [*LAYERS, {**LAYERS[0], "name": "layer3.conv"}]  # the block and the conv holding its keys
+    model = add_model(app, alice.id, layers=layers)
+    block = precompute(client, alice, model=model, layer="layer3", samples=100)
+    assert block.status_code == 202 and block.json["layer"] == "layer3.conv"
+    conv = precompute(client, alice, model=model, layer="layer3.conv", samples=100)
+    assert conv.status_code == 200 and conv.json["id"] == block.json["id"]
+    assert len(queued(app)) == 1
+    for name in ("layer3", "layer3.conv"):
+        listed = client.get(f"/v1/statistics?layer={name}", headers=alice.headers).json["statistics"]
+        assert [s["id"] for s in listed] == [block.json["id"]]
 
 
 def test_default_samples_are_what_jobs_use(app, client, alice, model):

@@ -209,3 +209,14 @@ def test_fencing_token_lets_one_lease_grant_win(session_factory, tenant_and_mode
     with session_scope(session_factory) as s:
         loaded = s.get(Job, job.id)
         assert (loaded.lease_owner, loaded.fencing_token) == ("worker-a", 1)
+
+
+def test_keys_layer_names_the_weight_module_holding_the_keys():
+    from storage.statistics import keys_layer
+
+    layers = [{"name": "layer6", "param": "layer6.conv.weight"}, {"name": "layer6.conv", "param": "layer6.conv.weight"},
+              {"name": "fc", "param": "fc.weight"}, {"name": "layer7", "param": "layer7.conv.weight"}]
+    assert keys_layer(layers, "layer6") == keys_layer(layers, "layer6.conv") == "layer6.conv"
+    assert keys_layer(layers, "fc") == "fc"
+    assert keys_layer(layers, "layer7") == "layer7"  # its weight module is not listed: keep the name
+    assert keys_layer(layers, "nope") == "nope"  # unknown names are check_layer's to refuse
