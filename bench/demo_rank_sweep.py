@@ -1,11 +1,12 @@
 """Dome to spire at one layer and several ranks, each next to its random-direction control.
 
-    python bench/demo_rank_sweep.py [--layer layer5] [--ranks 1,3] [--pairs 5] [--samples 500] \
+    python bench/demo_rank_sweep.py [--layer layer5] [--ranks 1,3,full] [--pairs 5] [--samples 500] \
         [--param key_method=\"svd\" ...]
 
 For each rank r and each of the first ``--pairs`` dome_to_spire request pairs
 (demo/requests/eval/), the engine's edit (``run_edit`` with the request's params and
-``rank=r``) and the control: the same insert along r random key directions. Both are
+``rank=r``) and the control: the same insert along r random key directions (none for
+``full``, every key direction, where random directions span the same space). Both are
 measured as bench/demo_eval.py measures them (edit success, pixel change and feature
 distance outside the domes) on ``--samples`` held-out images with a dome. ``--param
 NAME=JSON`` overrides another of the requests' hyperparameters for every run. Prints each
@@ -29,7 +30,7 @@ from demo_eval import STAT_SEEDS, HeldOut, measure  # noqa: E402
 from rewriting.delta import applied  # noqa: E402
 from rewriting.edit import fit_targets, insert_config, run_edit  # noqa: E402
 from rewriting.layers import editable_layers  # noqa: E402
-from rewriting.requests import parse_request  # noqa: E402
+from rewriting.requests import FULL_RANK, parse_request  # noqa: E402
 from rewriting.statistics import compute_second_moment  # noqa: E402
 
 
@@ -51,15 +52,17 @@ def main():
     held = HeldOut(G, S, "dome_to_spire", args.samples)
     print(f"{args.layer}, {len(held.seeds)} held-out images with a dome, device {args.device}, "
           f"params {overrides or 'as requested'}", flush=True)
-    for rank in [int(r) for r in args.ranks.split(",")]:
-        rows = {"edit": [], "random": []}
+    for rank in [r if r == FULL_RANK else int(r) for r in args.ranks.split(",")]:
+        rows = {"edit": []} if rank == FULL_RANK else {"edit": [], "random": []}
         for pair, raw in enumerate(load_eval_requests("dome_to_spire")[:args.pairs], 1):
             request = parse_request(raw, {**overrides, "rank": rank})
             result = run_edit(G, args.layer, request, moment)
-            t, config = result.targets, insert_config(request.params)
-            directions = torch.randn(rank, keys, generator=torch.Generator().manual_seed(pair)).to(args.device)
-            control = fit_targets(G, t, directions, config, moment).delta("")
-            for name, delta in (("edit", result.delta), ("random", control)):
+            deltas = [("edit", result.delta)]
+            if rank != FULL_RANK:
+                directions = torch.randn(rank, keys, generator=torch.Generator().manual_seed(pair)).to(args.device)
+                control = fit_targets(G, result.targets, directions, insert_config(request.params), moment)
+                deltas.append(("random", control.delta("")))
+            for name, delta in deltas:
                 with applied(G, [delta]):
                     figures, _ = measure("dome_to_spire", held, G, S)
                 rows[name].append(figures)
