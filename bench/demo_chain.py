@@ -14,8 +14,6 @@ images with a dome). Prints each pair and the mean ± standard deviation over pa
 3 minutes for two layers and 500 images on two CPU cores. Figures in docs/demo.md.
 """
 import argparse
-import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -26,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from demo.artifacts import GENERATOR_PATH, SEGMENTER_PATH, load_weights  # noqa: E402
 from demo.examples import load_eval_requests  # noqa: E402
-from demo_eval import STAT_SEEDS, HeldOut, measure  # noqa: E402
+from demo_eval import STAT_SEEDS, HeldOut, mean_spread, measure, param_overrides  # noqa: E402
 from rewriting.delta import applied  # noqa: E402
 from rewriting.edit import run_edit  # noqa: E402
 from rewriting.requests import parse_request  # noqa: E402
@@ -44,8 +42,7 @@ def main():
                         help="a hyperparameter for every edit of the chain, e.g. --param rank=8")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
-    params = {**CHAIN_PARAMS, **{name: json.loads(value) for name, value in
-                                 (item.split("=", 1) for item in args.param)}}
+    params = {**CHAIN_PARAMS, **param_overrides(args.param)}
     layers = args.layers.split(",")
     G = load_weights(GENERATOR_PATH).to(args.device)
     S = load_weights(SEGMENTER_PATH).to(args.device)
@@ -66,9 +63,7 @@ def main():
             print(f"  pair {pair} through {layer:12s} " + "  ".join(f"{k} {v:.4f}" for k, v in figures.items()),
                   flush=True)
     for i, figures in rows.items():
-        summary = "  ".join(f"{k} {statistics.fmean(f[k] for f in figures):.4f} ± "
-                            f"{statistics.pstdev(f[k] for f in figures):.4f}" for k in figures[0])
-        print(f"through {' -> '.join(layers[:i + 1])}: {summary}", flush=True)
+        print(f"through {' -> '.join(layers[:i + 1])}: {mean_spread(figures)}", flush=True)
 
 
 if __name__ == "__main__":

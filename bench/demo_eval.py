@@ -165,6 +165,17 @@ def dissected(generator, layer, moment, request, count):
     return model
 
 
+def param_overrides(items):
+    """The ``--param NAME=JSON`` arguments of the demo benchmarks as a dict of hyperparameters."""
+    return {name: json.loads(value) for name, value in (item.split("=", 1) for item in items)}
+
+
+def mean_spread(rows):
+    """'name mean ± standard deviation' of each figure over ``rows`` (dicts with the same keys)."""
+    return "  ".join(f"{k} {statistics.fmean(r[k] for r in rows):.4f} ± {statistics.pstdev(r[k] for r in rows):.4f}"
+                     for k in rows[0])
+
+
 def summarize(values):
     values = [v for v in values if v is not None]
     if not values:

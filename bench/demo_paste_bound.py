@@ -18,7 +18,6 @@ themselves (what the insert is asked to produce). Figures in docs/demo.md; about
 a layer on two CPU cores.
 """
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -32,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from demo.artifacts import GENERATOR_PATH, SEGMENTER_PATH, load_weights  # noqa: E402
 from demo.examples import components, largest_object, load_eval_requests  # noqa: E402
 from demo.scenes import DOME, SPIRE  # noqa: E402
-from demo_eval import STAT_SEEDS, HeldOut, pasted_image  # noqa: E402
+from demo_eval import STAT_SEEDS, HeldOut, param_overrides, pasted_image  # noqa: E402
 from rewriting.delta import applied  # noqa: E402
 from rewriting.edit import run_edit  # noqa: E402
 from rewriting.layers import Trace, get_module, sample_inputs  # noqa: E402
@@ -106,7 +105,7 @@ def main():
     parser.add_argument("--param", action="append", default=[], metavar="NAME=JSON",
                         help="another hyperparameter for the edits, e.g. --param alpha_area=false")
     args = parser.parse_args()
-    overrides = {name: json.loads(value) for name, value in (item.split("=", 1) for item in args.param)}
+    overrides = param_overrides(args.param)
     G, S = load_weights(GENERATOR_PATH), load_weights(SEGMENTER_PATH)
     held = HeldOut(G, S, "dome_to_spire", args.samples)
     domes = [largest_object(ids, labels, DOME)[1] for ids, labels in zip(components(held.labels == DOME), held.labels)]

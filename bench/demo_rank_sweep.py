@@ -14,8 +14,6 @@ pair and the mean ± standard deviation over pairs. Minutes on a GPU; on two CPU
 edit at layer5 and its measurement on 200 images take about 10 s. Figures in docs/demo.md.
 """
 import argparse
-import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -26,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from demo.artifacts import GENERATOR_PATH, SEGMENTER_PATH, load_weights  # noqa: E402
 from demo.examples import load_eval_requests  # noqa: E402
-from demo_eval import STAT_SEEDS, HeldOut, measure  # noqa: E402
+from demo_eval import STAT_SEEDS, HeldOut, mean_spread, measure, param_overrides  # noqa: E402
 from rewriting.delta import applied  # noqa: E402
 from rewriting.edit import fit_targets, insert_config, run_edit  # noqa: E402
 from rewriting.layers import editable_layers  # noqa: E402
@@ -44,7 +42,7 @@ def main():
                         help="another hyperparameter for every run, e.g. --param loss='\"mse\"'")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
-    overrides = {name: json.loads(value) for name, value in (item.split("=", 1) for item in args.param)}
+    overrides = param_overrides(args.param)
     G = load_weights(GENERATOR_PATH).to(args.device)
     S = load_weights(SEGMENTER_PATH).to(args.device)
     keys = {i.name: i for i in editable_layers(G)}[args.layer].key_channels
@@ -69,9 +67,7 @@ def main():
                 print(f"  rank {rank} pair {pair} {name:6s} " + "  ".join(f"{k} {v:.4f}" for k, v in figures.items()),
                       flush=True)
         for name, figures in rows.items():
-            summary = "  ".join(f"{k} {statistics.fmean(f[k] for f in figures):.4f} ± "
-                                f"{statistics.pstdev(f[k] for f in figures):.4f}" for k in figures[0])
-            print(f"rank {rank} {name:6s} {summary}", flush=True)
+            print(f"rank {rank} {name:6s} {mean_spread(figures)}", flush=True)
 
 
 if __name__ == "__main__":
