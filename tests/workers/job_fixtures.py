@@ -27,6 +27,7 @@ from storage.objects import LocalStore
 GENERATOR_CONFIG = {"z_dim": 8, "resolution": 16, "channels": [8, 8, 8]}
 SEGMENTER_CONFIG = {"channels": [4, 4, 4]}
 LAYER = "layer3"
+STAT_LAYER = "layer3.conv"  # the statistic row of jobs on LAYER: its weight module (storage.statistics.keys_layer)
 SAMPLES = 64  # images in the tiny statistics: seeds 100000..100063
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from job_fixtures import LAYER, SAMPLES, database_url, tiny_model, world  # noqa: F401  (fixtures)
+from job_fixtures import STAT_LAYER, SAMPLES, database_url, tiny_model, world  # noqa: F401  (fixtures)
 from palimpsest.config import load_settings
 from storage.db import session_scope
 from storage.models import Model
@@ -76,7 +76,7 @@ def ready_statistic(world, model_id):
     """The job's statistic, computed beforehand by another worker (its own cache)."""
     with session_scope(world.session_factory) as session:
         sha = session.get(Model, model_id).sha256
-        stat_id = insert_statistic(session, sha, LAYER, sample_spec(SAMPLES)).id
+        stat_id = insert_statistic(session, sha, STAT_LAYER, sample_spec(SAMPLES)).id
     assert process_statistic(world.session_factory, world.store, world.settings, stat_id,
                              warm=WorkerCache(1, 1)) == "ready"
 

@@ -53,7 +53,7 @@ def test_task_objects_run_their_bodies(celery, tmp_path):
     # compute_statistic: the statistic a job will need
     with session_scope(celery.session_factory) as session:
         assert session.get(Model, model_id).status == "ready"
-        stat_id = insert_statistic(session, stored.sha256, "layer3", sample_spec(64)).id
+        stat_id = insert_statistic(session, stored.sha256, "layer3.conv", sample_spec(64)).id
     celery.tasks["workers.statistics.compute_statistic"](stat_id)
 
     # run_job: uses it

@@ -9,7 +9,7 @@ import pytest
 import torch
 from sqlalchemy import select, update
 
-from job_fixtures import LAYER, database_url, make_world, tiny_model, world  # noqa: F401  (fixtures)
+from job_fixtures import STAT_LAYER, database_url, make_world, tiny_model, world  # noqa: F401  (fixtures)
 from rewriting.checkpoint import load_model
 from rewriting.statistics import SecondMoment, compute_second_moment
 from storage.db import session_scope
@@ -47,7 +47,7 @@ def model_sha(world, model_id):
 
 def new_statistic(world, sha, spec=SPEC):
     with session_scope(world.session_factory) as session:
-        return insert_statistic(session, sha, LAYER, spec).id
+        return insert_statistic(session, sha, STAT_LAYER, spec).id
 
 
 def rows(world, stat_id):
@@ -69,7 +69,7 @@ def stored_moment(world, key):
 
 def one_shot(tiny_model, spec=SPEC):  # noqa: F811
     seeds = parse_sample_spec(spec)
-    return compute_second_moment(load_model(tiny_model.path), LAYER, f"{seeds.start}-{seeds.stop - 1}")
+    return compute_second_moment(load_model(tiny_model.path), STAT_LAYER, f"{seeds.start}-{seeds.stop - 1}")
 
 
 def assert_float64_equal(got, want):
@@ -343,7 +343,7 @@ def test_a_job_waits_while_another_worker_holds_the_last_shard(sharded, tiny_mod
     from workers.artifacts import put_file
 
     seeds = range(shard.seed_start, shard.seed_stop)
-    part = compute_second_moment(load_model(tiny_model.path), LAYER, f"{seeds.start}-{seeds.stop - 1}")
+    part = compute_second_moment(load_model(tiny_model.path), STAT_LAYER, f"{seeds.start}-{seeds.stop - 1}")
     part.save(sharded.tmp_path / "part.safetensors")
     stored = put_file(sharded.store, sharded.tmp_path / "part.safetensors", None, "statistic_shards", "p.safetensors")
     with session_scope(sharded.session_factory) as session:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from sqlalchemy import select
 
-from job_fixtures import LAYER, SAMPLES, database_url, fast_params, make_world, \
+from job_fixtures import LAYER, STAT_LAYER, SAMPLES, database_url, fast_params, make_world, \
     tiny_model, world  # noqa: F401  (fixtures)
 from rewriting.checkpoint import load_model
 from rewriting.statistics import SecondMoment, compute_second_moment
@@ -119,7 +119,7 @@ def wait_for(predicate, timeout=60.0):
 def hold_statistic_elsewhere(world, model_sha256, ttl=60.0):
     """Another worker's live lease on the statistic: (row, token)."""
     with session_scope(world.session_factory) as session:
-        stat = insert_statistic(session, model_sha256, LAYER, SPEC)
+        stat = insert_statistic(session, model_sha256, STAT_LAYER, SPEC)
         token = claim_statistic(session, stat, "elsewhere:1", ttl=ttl)
     return stat, token
 
@@ -139,7 +139,7 @@ def test_job_waits_for_a_statistic_computed_elsewhere(database_url, tmp_path, ti
     assert (statistic_row(world, sha).fencing_token, statistic_row(world, sha).status) == (1, "computing")
 
     # the other worker finishes: the waiting job picks its result up
-    moment = compute_second_moment(load_model(tiny_model.path), LAYER, f"100000-{100000 + SAMPLES - 1}",
+    moment = compute_second_moment(load_model(tiny_model.path), STAT_LAYER, f"100000-{100000 + SAMPLES - 1}",
                                    model_sha256=sha)
     moment.save(tmp_path / "moment.safetensors")
     stored = put_file(world.store, tmp_path / "moment.safetensors", None, "statistics", "second_moment.safetensors")
@@ -193,7 +193,7 @@ def test_cancel_while_computing_releases_the_statistic(world, tiny_model):
 def test_compute_statistic_body_computes_once_and_matches_the_engine(world, tiny_model):
     sha = model_sha(world, tiny_model.model_id)
     with session_scope(world.session_factory) as session:
-        stat_id = insert_statistic(session, sha, LAYER, SPEC).id
+        stat_id = insert_statistic(session, sha, STAT_LAYER, SPEC).id
     settings = world.settings
     assert process_statistic(world.session_factory, world.store, settings, stat_id) == "ready"
     assert process_statistic(world.session_factory, world.store, settings, stat_id) == "ready"  # second delivery
@@ -216,7 +216,7 @@ def test_compute_statistic_body_computes_once_and_matches_the_engine(world, tiny
 def test_compute_statistic_of_an_unknown_checkpoint_fails(world):
     sha = fake_sha256()
     with session_scope(world.session_factory) as session:
-        stat_id = insert_statistic(session, sha, LAYER, SPEC).id
+        stat_id = insert_statistic(session, sha, STAT_LAYER, SPEC).id
     with pytest.raises(StatisticUnavailable):
         process_statistic(world.session_factory, world.store, world.settings, stat_id)
     stat = statistic_row(world, sha)
