@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from demo.artifacts import GENERATOR_PATH, SEGMENTER_PATH, load_weights  # noqa: E402
 from demo.examples import load_eval_requests  # noqa: E402
-from demo_eval import STAT_SEEDS, HeldOut, mean_spread, measure, param_overrides  # noqa: E402
+from demo_eval import STAT_SEEDS, HeldOut, figures_text, mean_spread, measure, param_overrides  # noqa: E402
 from rewriting.delta import applied  # noqa: E402
 from rewriting.edit import run_edit  # noqa: E402
 from rewriting.requests import parse_request  # noqa: E402
@@ -60,8 +60,7 @@ def main():
             with applied(G, deltas):
                 figures, _ = measure("dome_to_spire", held, G, S)
             rows[i].append(figures)
-            print(f"  pair {pair} through {layer:12s} " + "  ".join(f"{k} {v:.4f}" for k, v in figures.items()),
-                  flush=True)
+            print(f"  pair {pair} through {layer:12s} {figures_text(figures)}", flush=True)
     for i, figures in rows.items():
         print(f"through {' -> '.join(layers[:i + 1])}: {mean_spread(figures)}", flush=True)
 

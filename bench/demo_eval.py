@@ -170,6 +170,11 @@ def param_overrides(items):
     return {name: json.loads(value) for name, value in (item.split("=", 1) for item in items)}
 
 
+def figures_text(figures):
+    """'name value' of each figure of one measurement."""
+    return "  ".join(f"{k} {v:.4f}" for k, v in figures.items())
+
+
 def mean_spread(rows):
     """'name mean ± standard deviation' of each figure over ``rows`` (dicts with the same keys)."""
     return "  ".join(f"{k} {statistics.fmean(r[k] for r in rows):.4f} ± {statistics.pstdev(r[k] for r in rows):.4f}"

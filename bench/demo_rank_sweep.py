@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from demo.artifacts import GENERATOR_PATH, SEGMENTER_PATH, load_weights  # noqa: E402
 from demo.examples import load_eval_requests  # noqa: E402
-from demo_eval import STAT_SEEDS, HeldOut, mean_spread, measure, param_overrides  # noqa: E402
+from demo_eval import STAT_SEEDS, HeldOut, figures_text, mean_spread, measure, param_overrides  # noqa: E402
 from rewriting.delta import applied  # noqa: E402
 from rewriting.edit import fit_targets, insert_config, run_edit  # noqa: E402
 from rewriting.layers import editable_layers  # noqa: E402
@@ -64,8 +64,7 @@ def main():
                 with applied(G, [delta]):
                     figures, _ = measure("dome_to_spire", held, G, S)
                 rows[name].append(figures)
-                print(f"  rank {rank} pair {pair} {name:6s} " + "  ".join(f"{k} {v:.4f}" for k, v in figures.items()),
-                      flush=True)
+                print(f"  rank {rank} pair {pair} {name:6s} {figures_text(figures)}", flush=True)
         for name, figures in rows.items():
             print(f"rank {rank} {name:6s} {mean_spread(figures)}", flush=True)
 

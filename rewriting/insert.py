@@ -177,7 +177,7 @@ def insert(model, layer, inputs, target, directions, config=None, kwargs=None,
     with torch.no_grad():
         initial = loss_at(w0).item()
     if config.method == "closed_form":
-        lam = _closed_form(model, t, args, kwargs, target, q, moment, output_crop)
+        lam = closed_form(model, t, [(args, kwargs, target, output_crop)], q, moment)
         steps, stopped, losses = 0, False, []
     else:
         lam, steps, stopped, losses = _optimize(config, t, w0, q, loss_at, progress, should_stop)
@@ -251,10 +251,12 @@ def _optimize(config, t, w0, q, loss_at, progress, should_stop):
 LINEAR_IN_WEIGHT = ("linear", "equalized_linear", "conv2d", "equalized_conv2d", "conv_transpose2d")
 
 
-def _closed_form(model, t, args, kwargs, target, q, moment=None, output_crop=None):
-    """The least-squares ``lam``; where several fit equally (more unknowns than
-    constraints), the one of least change: least ``sum_tap ||dW_tap||_C^2`` when
-    ``moment`` (C) is given, else least Euclidean norm."""
+def closed_form(model, t, cases, q, moment=None):
+    """The least-squares ``lam`` over every case at once; where several fit equally (more
+    unknowns than constraints), the one of least change: least ``sum_tap ||dW_tap||_C^2``
+    when ``moment`` (C) is given, else least Euclidean norm. ``cases``: (args, kwargs,
+    target, output_crop) of the target layer ``t``; one for an edit, one a rule for a merge
+    (``rewriting.merge``), their rows stacked."""
     if t.module is not t.weight_module or t.kind not in LINEAR_IN_WEIGHT or t.in_dim not in (0, 1):
         inner = t.local_param.rpartition(".")[0]
         hint = f"; edit its weight module {t.layer + '.' + inner!r} instead" if inner else ""
@@ -263,11 +265,14 @@ def _closed_form(model, t, args, kwargs, target, q, moment=None, output_crop=Non
                                f"{type(t.module).__name__}{hint}")
     w0 = t.weight.detach()
     out_dim = 1 - t.in_dim
-    with torch.no_grad():
-        base = crop(layer_forward(model, t, args, kwargs=kwargs), output_crop)
-        design = _design_matrix(t, args, kwargs, q, output_crop)  # [positions, r * taps], float64
-    channels = base.shape[1]
-    residual = (target.reshape(base.shape) - base).double().movedim(1, -1).reshape(-1, channels).cpu()
+    channels = w0.shape[out_dim]
+    designs, residuals = [], []
+    for args, kwargs, target, output_crop in cases:
+        with torch.no_grad():
+            base = crop(layer_forward(model, t, args, kwargs=kwargs), output_crop)
+            designs.append(_design_matrix(t, args, kwargs, q, output_crop))  # [positions, r * taps], float64
+        residuals.append((target.reshape(base.shape) - base).double().movedim(1, -1).reshape(-1, channels).cpu())
+    design, residual = torch.cat(designs), torch.cat(residuals)
     rank, taps = q.shape[0], design.shape[1] // q.shape[0]
     # Least change in the C metric: with Q C Q^T = L L^T, each tap's coefficients are
     # l = L^-T g, and ||dW_tap||_C = ||g||; lstsq's minimum-norm g gives the least change.

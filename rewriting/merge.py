@@ -25,7 +25,7 @@ import torch
 
 from rewriting.delta import EditDelta, expand
 from rewriting.errors import EditRequestError, IncompatibleError
-from rewriting.insert import InsertConfig, _closed_form, _loss_fn, _optimize
+from rewriting.insert import InsertConfig, _loss_fn, _optimize, closed_form
 from rewriting.layers import layer_forward, target_weight
 from rewriting.values import crop
 
@@ -85,9 +85,9 @@ def union_basis(directions, tolerance=DIRECTION_TOLERANCE):
 def merge_rules(model, layer, rules, config=None, base_sha256="", progress=None, should_stop=None):
     """Solve ``rules`` (a list of ``Rule`` on ``layer``) jointly; a ``MergeResult``.
 
-    ``config`` (InsertConfig): ``method`` ``lambda`` (default) or ``closed_form`` (a linear
-    target layer), steps, lr and loss as for one edit. ``progress(step, loss)`` and
-    ``should_stop()`` as in ``rewriting.insert.insert``.
+    ``config`` (InsertConfig): ``method`` ``lambda`` (default) or ``closed_form`` (a target
+    linear in its weight, as for one edit; the least Euclidean change), steps, lr and loss as
+    for one edit. ``progress(step, loss)`` and ``should_stop()`` as in ``rewriting.insert.insert``.
     """
     config = (config or InsertConfig()).validate()
     if config.method not in ("lambda", "closed_form"):
@@ -121,7 +121,7 @@ def merge_rules(model, layer, rules, config=None, base_sha256="", progress=None,
     with torch.no_grad():
         initial = joint_loss(w0).item()
     if config.method == "closed_form":
-        lam = _joint_closed_form(model, t, cases, q)
+        lam = closed_form(model, t, cases, q)  # every rule's rows stacked
         steps, stopped = 0, False
     else:
         lam, steps, stopped, _ = _optimize(config, t, w0, q, joint_loss, progress, should_stop)
@@ -146,12 +146,3 @@ def merge_rules(model, layer, rules, config=None, base_sha256="", progress=None,
 
 def _args(inputs):
     return inputs if isinstance(inputs, tuple) else (inputs,)
-
-
-def _joint_closed_form(model, t, cases, q):
-    """Least squares over every rule's keys at once (one rule's closed form, stacked)."""
-    if any(len(args) != 1 or kwargs for args, kwargs, _, _ in cases):
-        raise EditRequestError("method", "closed_form merges need a linear target layer with one input")
-    keys = torch.cat([args[0].reshape(-1, args[0].shape[-1]) for args, _, _, _ in cases])
-    values = torch.cat([values.reshape(-1, values.shape[-1]) for _, _, values, _ in cases])
-    return _closed_form(model, t, (keys,), None, values, q)

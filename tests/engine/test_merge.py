@@ -136,6 +136,30 @@ def test_closed_form_recovers_a_joint_linear_update():
     assert torch.allclose(edited, w_true, atol=1e-5)
 
 
+def test_closed_form_merges_convolution_rules():
+    # Each rule a 3x3 conv's input over its own crop; the wanted weight differs from W0 along
+    # the rules' directions only, so the joint solve over both crops' rows meets both exactly.
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(OrderedDict(conv=torch.nn.Conv2d(4, 3, 3, padding=1, bias=False)))
+    w0 = net.conv.weight.detach().clone()
+    d1, d2 = torch.eye(4)[:1], torch.eye(4)[1:3]
+    w_true = w0.clone()
+    w_true[:, 0] += torch.randn(3, 3, 3)  # along d1
+    w_true[:, 1:3] += torch.randn(3, 2, 3, 3)  # along d2
+    rules = []
+    for name, d in (("a", d1), ("b", d2)):
+        x = torch.randn(1, 4, 6, 6)
+        values = torch.nn.functional.conv2d(x, w_true, padding=1)
+        targets = EditTargets(layer="conv", inputs=(x,), kwargs={}, values=values, value_bounds=None,
+                              context_keys=x[0].flatten(1).T, context_weights=torch.ones(36))
+        rules.append(Rule(targets, d, name=name))
+    merged = merge_rules(net, "conv", rules, InsertConfig(method="closed_form", loss="mse"))
+    assert merged.rank == 3
+    assert all(loss.merged_loss < 1e-10 < loss.initial_loss for loss in merged.losses)
+    edited = apply_deltas({"conv.weight": w0}, [merged.delta])["conv.weight"]
+    assert torch.allclose(edited, w_true, atol=1e-5)
+
+
 @pytest.mark.parametrize("config, field", [(InsertConfig(method="projected"), "method")])
 def test_merge_refuses_other_methods(model, edits, config, field):
     with pytest.raises(EditRequestError) as error:
