@@ -11,8 +11,10 @@ solves them together, over the union of their subspaces:
 
 with the engine's own optimizer (``rewriting.insert``'s ``lambda`` method: Adam on
 Lambda, the plateau stop, the lowest-loss Lambda kept), or in closed form (least
-squares over all rules' keys at once) when the target layer is linear. Each rule counts
-equally in the objective, whatever the size of its region.
+squares over all rules' keys at once) when the target layer is linear in its weight.
+Given the layer's key statistic, the closed form takes, among the weights that fit, the
+least change in its C metric, as one edit does; without it, the least Euclidean change.
+Each rule counts equally in the objective, whatever the size of its region.
 
 ``merge_rules`` reports, for every rule, its constraint loss with the unedited weight,
 with its own delta applied alone (if given) and with the merged weight, in the rule's
@@ -24,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from rewriting.delta import EditDelta, expand
+from rewriting.directions import moment_matrix
 from rewriting.errors import EditRequestError, IncompatibleError
 from rewriting.insert import InsertConfig, _loss_fn, _optimize, closed_form
 from rewriting.layers import layer_forward, target_weight
@@ -82,12 +85,15 @@ def union_basis(directions, tolerance=DIRECTION_TOLERANCE):
     return vh[s > tolerance * s[0]]
 
 
-def merge_rules(model, layer, rules, config=None, base_sha256="", progress=None, should_stop=None):
+def merge_rules(model, layer, rules, config=None, base_sha256="", progress=None, should_stop=None, moment=None):
     """Solve ``rules`` (a list of ``Rule`` on ``layer``) jointly; a ``MergeResult``.
 
     ``config`` (InsertConfig): ``method`` ``lambda`` (default) or ``closed_form`` (a target
-    linear in its weight, as for one edit; the least Euclidean change), steps, lr and loss as
-    for one edit. ``progress(step, loss)`` and ``should_stop()`` as in ``rewriting.insert.insert``.
+    linear in its weight, as for one edit), steps, lr and loss as for one edit. ``moment``
+    (the layer's ``SecondMoment`` or its matrix): the closed form's metric for the least
+    change, as in ``rewriting.insert.insert``; None: the least Euclidean change. The
+    ``lambda`` method does not use it. ``progress(step, loss)`` and ``should_stop()`` as in
+    ``rewriting.insert.insert``.
     """
     config = (config or InsertConfig()).validate()
     if config.method not in ("lambda", "closed_form"):
@@ -105,6 +111,9 @@ def merge_rules(model, layer, rules, config=None, base_sha256="", progress=None,
                                     f"channels; {t.layer!r} has {w0.shape[t.in_dim]}")
         if rule.alone is not None and rule.alone.param != t.param:
             raise IncompatibleError(f"rule {rule.name!r}'s delta is of {rule.alone.param!r}, not {t.param!r}")
+    if moment is not None and moment_matrix(moment).shape[0] != w0.shape[t.in_dim]:
+        raise IncompatibleError(f"the second moment is over {moment_matrix(moment).shape[0]} channels; "
+                                f"{t.layer!r} has {w0.shape[t.in_dim]}")
     q = union_basis([rule.directions for rule in rules]).to(device=w0.device, dtype=w0.dtype)
     loss_fn = _loss_fn(config.loss)
     cases = [(tuple(a.to(w0.device) if torch.is_tensor(a) else a for a in _args(rule.targets.inputs)),
@@ -121,7 +130,7 @@ def merge_rules(model, layer, rules, config=None, base_sha256="", progress=None,
     with torch.no_grad():
         initial = joint_loss(w0).item()
     if config.method == "closed_form":
-        lam = closed_form(model, t, cases, q)  # every rule's rows stacked
+        lam = closed_form(model, t, cases, q, moment)  # every rule's rows stacked
         steps, stopped = 0, False
     else:
         lam, steps, stopped, _ = _optimize(config, t, w0, q, joint_loss, progress, should_stop)

@@ -11,7 +11,8 @@ sha256, layer) and for each group:
 2. takes each member's context directions from its own delta artifact, and solves all the
    rules together with ``rewriting.merge.merge_rules``: one low-rank update over the
    union of their directions (the members' insert settings: the first member's
-   method, lr and loss, the most steps any member asked for);
+   method, lr and loss, the most steps any member asked for; a closed form takes the
+   least change in the C metric of the members' statistic with the most samples);
 3. uploads, content-addressed in the batch's tenant space, the merged delta, the merged
    checkpoint (the base with that delta, ``rewriting.delta.materialize``) and a report:
 
@@ -138,7 +139,7 @@ def merge_group(session_factory, store, settings, tenant_id: str, plans: list, w
             Artifact.job_id.in_(ids), Artifact.name == "delta"))}
         stats = {plan.job.id: session.get(Statistic, (plan.job.metrics or {}).get("statistic", {}).get("id"))
                  for plan in plans}
-    rules = []
+    rules, moments = [], {}
     for plan in plans:
         job = plan.job
         stat, artifact = stats[job.id], deltas.get(job.id)
@@ -146,6 +147,7 @@ def merge_group(session_factory, store, settings, tenant_id: str, plans: list, w
             raise IncompatibleError(f"job {job.id} has no delta or no ready statistic to merge from")
         moment = warm.statistic(stat.id, stat.sha256, lambda: SecondMoment.load(
             fetch(store, stat.object_key, cache, stat.sha256), device=model_device(model)))
+        moments[stat.id] = moment
         alone = EditDelta.load(fetch(store, artifact.object_key, cache, artifact.sha256))
         targets = edit_targets(model, infos[layer], plan.request, moment, plan.request.params)
         rules.append(Rule(targets, alone.directions, alone=alone, name=job.custom_id or job.id))
@@ -155,10 +157,14 @@ def merge_group(session_factory, store, settings, tenant_id: str, plans: list, w
                           steps=max(plan.request.params.steps for plan in plans), lr=params.lr,
                           lr_scale=params.lr_scale, loss=params.loss, plateau_patience=params.plateau_patience,
                           plateau_tolerance=params.plateau_tolerance)
-    result = merge_rules(model, layer, rules, config, base_sha256=base_sha256)
+    # Every member's statistic estimates the same keys' moment; the closed form's metric is
+    # the one from the most samples.
+    metric_id, metric = max(moments.items(), key=lambda item: item[1].count)
+    result = merge_rules(model, layer, rules, config, base_sha256=base_sha256, moment=metric)
 
     report = result.report()
-    report.update(batch=first.job.batch_id, model=first.model.id, model_sha256=base_sha256, config=config.as_dict())
+    report.update(batch=first.job.batch_id, model=first.model.id, model_sha256=base_sha256, config=config.as_dict(),
+                  statistic=metric_id)
     for entry, plan in zip(report["per_rule"], plans):
         entry.update(job=plan.job.id, custom_id=plan.job.custom_id)
     body = json.dumps(report, sort_keys=True, indent=2).encode()

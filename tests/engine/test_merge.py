@@ -172,3 +172,25 @@ def test_merge_refuses_nothing_and_other_layers(model, edits):
         merge_rules(model, LAYER, [])
     with pytest.raises(IncompatibleError, match="layer2"):
         merge_rules(model, "layer2", edits[1])
+
+
+def test_closed_form_merge_takes_the_least_change_in_the_moments_metric(model, moment):
+    """Given the layer's statistic, a merge's closed form picks the same weight as one edit
+    does (the least change in the C metric among exact fits), so merging one rule gives back
+    its own delta; without it, the least Euclidean change, a different weight."""
+    result = run_edit(model, LAYER + ".conv", copy_between(1, 2, method="closed_form", rank=2, loss="mse",
+                                                          halo=True), moment)
+    assert result.constraint_loss < 1e-6 * result.initial_loss  # more unknowns than constraints
+    rule = Rule(result.targets, result.delta.directions, alone=result.delta, name="one")
+    config = InsertConfig(method="closed_form", loss="mse")
+    in_c = merge_rules(model, LAYER + ".conv", [rule], config, moment=moment)
+    euclidean = merge_rules(model, LAYER + ".conv", [rule], config)
+    alone = result.delta.update(torch.float64)
+    assert torch.allclose(in_c.delta.update(torch.float64), alone, rtol=1e-4, atol=1e-6 * alone.abs().max())
+    assert not torch.allclose(euclidean.delta.update(torch.float64), alone, rtol=1e-2)
+    assert in_c.losses[0].merged_loss < 1e-6 * in_c.losses[0].initial_loss
+
+
+def test_merge_refuses_a_moment_of_other_channels(model, edits):
+    with pytest.raises(IncompatibleError, match="channels"):
+        merge_rules(model, LAYER, edits[1], moment=torch.eye(5, dtype=torch.float64))

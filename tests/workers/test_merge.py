@@ -36,8 +36,9 @@ class Batches:
         self.world, self.tiny = world, tiny
         self.warm = WorkerCache(2, 4)
 
-    def create(self, members, merge=True):
-        """A batch of ``members`` [(custom_id, layer, request)], each run by a worker, then finalizing."""
+    def create(self, members, merge=True, **params):
+        """A batch of ``members`` [(custom_id, layer, request)], each run by a worker (``params``
+        over the fast ones), then finalizing."""
         world = self.world
         with session_scope(world.session_factory) as session:
             batch = Batch(tenant_id=self.tiny.tenant_id, status="in_progress", merge=merge, total_count=len(members))
@@ -45,7 +46,7 @@ class Batches:
             session.flush()
             batch_id = batch.id
         jobs = [world.job(self.tiny.tenant_id, self.tiny.model_id, layer=layer, request=request,
-                          params=fast_params(steps=60), batch_id=batch_id, custom_id=custom_id)
+                          params=fast_params(steps=60, **params), batch_id=batch_id, custom_id=custom_id)
                 for custom_id, layer, request in members]
         for job_id in jobs:
             process_job(world.session_factory, world.store, world.settings, job_id, warm=self.warm)
@@ -114,6 +115,21 @@ def test_merge_batch_solves_the_members_jointly_and_completes_the_batch(world, t
     with session_scope(world.session_factory) as session:
         batch = session.get(Batch, batch_id)
     assert (batch.status, batch.succeeded_count) == ("completed", 3)
+
+
+def test_a_closed_form_merge_fits_every_rule_in_the_members_statistics_metric(world, batches):
+    # two rank-2 rules on the 3x3 conv: 36 unknowns a channel over the union against 32
+    # pasted cells, so the joint solve meets both exactly, in the metric of their statistic
+    batch_id, jobs = batches.create([("a", "layer3.conv", copy_between(1, 2)), ("b", "layer3.conv", copy_between(5, 6))],
+                                    method="closed_form", rank=2, loss="mse", halo=True)
+    assert batches.merge(batch_id) == "completed"
+    (row,) = batches.merges(batch_id)
+    with session_scope(world.session_factory) as session:
+        used = {session.get(Job, j).metrics["statistic"]["id"] for j in jobs}
+    assert row.status == "succeeded" and row.rank == 4
+    assert [row.report["statistic"]] == list(used) and row.report["config"]["method"] == "closed_form"
+    for entry in row.report["per_rule"]:
+        assert entry["merged_loss"] < 1e-6 * entry["initial_loss"]
 
 
 def test_members_are_grouped_by_layer(batches):
