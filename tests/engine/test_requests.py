@@ -227,3 +227,22 @@ def test_requests_module_does_not_import_torch():
 
     code = "import sys, rewriting.requests; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_every_parameter_is_documented_with_its_default():
+    import re
+    from dataclasses import asdict
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "requests.md").read_text()
+    rows = dict(re.findall(r"^\| `([a-z_]+)` \| ([^|]+) \|", doc, re.M))
+    for name, default in asdict(EditParams()).items():
+        assert name in rows, f"{name} is missing from docs/requests.md's parameter table"
+        assert rows[name].strip() == _doc_value(default), f"{name}: the table says {rows[name].strip()}"
+
+
+def _doc_value(value):
+    """How the table writes a default: strings as `"word"`, true/false and numbers bare."""
+    if isinstance(value, str):
+        return f'`"{value}"`'
+    return json.dumps(value)
