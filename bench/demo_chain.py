@@ -1,7 +1,7 @@
 """Dome to spire as successive edits at several layers, each fitted on the model edited so far.
 
     python bench/demo_chain.py [--layers layer5.conv,layer6.conv] [--pairs 5] [--samples 500] \
-        [--param rank=8 ...]
+        [--param rank=8 ...] [--strengths 1.25,2]
 
 For each of the first ``--pairs`` dome_to_spire request pairs (demo/requests/eval/), one
 edit per layer, in order: ``run_edit`` of the pair's request on the model with the earlier
@@ -10,11 +10,14 @@ layer fits what the layers before it left undone. Edits are ``closed_form`` with
 every key direction and the MSE loss unless ``--param NAME=JSON`` says otherwise. After
 each layer the chain so far is measured as bench/demo_eval.py measures an edit (edit
 success, pixel change and feature distance outside the domes, ``--samples`` held-out
-images with a dome). Prints each pair and the mean ± standard deviation over pairs. About
+images with a dome). ``--strengths`` also measures the whole chain with every edit's
+Lambda multiplied by each factor (1: the fit itself), to see how far past the fit the
+rule still gains. Prints each pair and the mean ± standard deviation over pairs. About
 3 minutes for two layers and 500 images on two CPU cores. Figures in docs/demo.md.
 """
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -40,16 +43,19 @@ def main():
     parser.add_argument("--samples", type=int, default=500)
     parser.add_argument("--param", action="append", default=[], metavar="NAME=JSON",
                         help="a hyperparameter for every edit of the chain, e.g. --param rank=8")
+    parser.add_argument("--strengths", default="", help="factors on every edit's Lambda, e.g. 1.25,2")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     params = {**CHAIN_PARAMS, **param_overrides(args.param)}
     layers = args.layers.split(",")
+    strengths = [float(f) for f in args.strengths.split(",") if f]
     G = load_weights(GENERATOR_PATH).to(args.device)
     S = load_weights(SEGMENTER_PATH).to(args.device)
     held = HeldOut(G, S, "dome_to_spire", args.samples)
     print(f"chain {' -> '.join(layers)}, {len(held.seeds)} held-out images with a dome, device {args.device}, "
           f"params {params}", flush=True)
     rows = {i: [] for i in range(len(layers))}
+    scaled = {f: [] for f in strengths}
     for pair, raw in enumerate(load_eval_requests("dome_to_spire")[:args.pairs], 1):
         request = parse_request(raw, params)
         deltas = []
@@ -61,8 +67,15 @@ def main():
                 figures, _ = measure("dome_to_spire", held, G, S)
             rows[i].append(figures)
             print(f"  pair {pair} through {layer:12s} {figures_text(figures)}", flush=True)
+        for factor in strengths:
+            with applied(G, [replace(delta, lam=delta.lam * factor) for delta in deltas]):
+                figures, _ = measure("dome_to_spire", held, G, S)
+            scaled[factor].append(figures)
+            print(f"  pair {pair} strength {factor:<8g} {figures_text(figures)}", flush=True)
     for i, figures in rows.items():
         print(f"through {' -> '.join(layers[:i + 1])}: {mean_spread(figures)}", flush=True)
+    for factor, figures in scaled.items():
+        print(f"the chain at strength {factor:g}: {mean_spread(figures)}", flush=True)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ the code path the workers use. torch is imported inside the commands only, so
 that listing commands or ``--help`` stays fast.
 """
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -35,10 +36,13 @@ def _load(model_path, device):
 
 
 def _check_layer(model, layer):
+    """The layer's ``LayerInfo``; an error listing the valid names if there is none."""
     from rewriting.layers import editable_layers
     from rewriting.requests import check_layer
 
-    check_layer(layer, [info.name for info in editable_layers(model)])
+    infos = {info.name: info for info in editable_layers(model)}
+    check_layer(layer, list(infos))
+    return infos[layer]
 
 
 def _engine_errors(fn):
@@ -73,7 +77,7 @@ def _compute_moment(model, layer, samples, batch_size, model_sha256):
 
 @click.command()
 @MODEL
-@click.option("--layer", help="Layer to edit (default: the request's \"layer\").")
+@click.option("--layer", help="Layer to edit (default: the request's \"layer\", which this replaces).")
 @click.option("--request", "request_path", required=True, type=click.Path(exists=True, dir_okay=False),
               help="Edit request JSON (native or original rewriting-app format; see docs/requests.md).")
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False),
@@ -97,7 +101,7 @@ def edit(model_path, layer, request_path, out_path, delta_path, stats_path, samp
     from rewriting.delta import applied, materialize
     from rewriting.edit import run_edit
     from rewriting.errors import IncompatibleError
-    from rewriting.requests import parse_request
+    from rewriting.requests import check_rank, parse_request
     from rewriting.statistics import SecondMoment
 
     try:
@@ -105,11 +109,15 @@ def edit(model_path, layer, request_path, out_path, delta_path, stats_path, samp
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise click.ClickException(f"--request: not JSON ({e})") from e
     request = parse_request(obj, params=_params(param_items))
-    layer = layer or request.layer
-    if layer is None:
+    if layer is None and request.layer is None:
         raise click.UsageError("give --layer (the request names no layer)")
+    if layer is not None and request.layer not in (None, layer):  # the command line wins over the file
+        click.echo(f"edit: --layer {layer} instead of the request's {request.layer}", err=True)
+    layer = layer or request.layer
+    request = replace(request, layer=layer)
     model, sha = _load(model_path, device)
-    _check_layer(model, layer)
+    info = _check_layer(model, layer)
+    check_rank(request, info.key_size, info.key_channels)  # before the statistic, not after it
     if stats_path:
         moment = SecondMoment.load(stats_path)
         recorded = moment.metadata.get("model_sha256")

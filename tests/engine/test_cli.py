@@ -95,7 +95,18 @@ def test_edit_errors_are_one_line_messages(files, extra, message):
     assert r.exit_code != 0
     assert message in r.output
     assert "Traceback" not in r.output
+    assert "stats:" not in r.output  # refused before the statistic's forward passes
     assert not (files / "bad.safetensors").exists()
+
+
+def test_edit_layer_replaces_the_requests_own(files):
+    request = json.loads((files / "edit.json").read_text())
+    (files / "edit_layer3.json").write_text(json.dumps({**request, "layer": "layer3"}))
+    r = invoke(edit, ["--model", files / "base.safetensors", "--layer", LAYER, "--request", files / "edit_layer3.json",
+                      "--out", files / "edited3.safetensors", "--samples", 8, "--param", "steps=5"])
+    assert r.exit_code == 0, r.output
+    assert f"--layer {LAYER} instead of the request's layer3" in r.output
+    assert json.loads(r.output.strip().splitlines()[-1])["layer"] == LAYER
 
 
 def test_sample_grid_and_before_after(files):
