@@ -460,7 +460,8 @@ OPENAPI_SCHEMAS = {
             "rules": {"type": "integer", "description": "Edits merged"},
             "rank": {"type": ["integer", "null"]},
             "report": {"type": ["object", "null"],
-                       "description": "Each rule's constraint loss unedited, alone and in the merged model"},
+                       "description": "Each rule's constraint loss unedited, alone and in the merged model; "
+                                      "statistic: the key statistic whose metric a closed-form merge used"},
             "artifacts": {"type": "array", "items": {
                 "type": "object",
                 "properties": {"name": {"enum": list(MERGE_OBJECTS)}, "sha256": {"type": ["string", "null"]},
