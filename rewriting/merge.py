@@ -111,9 +111,11 @@ def merge_rules(model, layer, rules, config=None, base_sha256="", progress=None,
                                     f"channels; {t.layer!r} has {w0.shape[t.in_dim]}")
         if rule.alone is not None and rule.alone.param != t.param:
             raise IncompatibleError(f"rule {rule.name!r}'s delta is of {rule.alone.param!r}, not {t.param!r}")
-    if moment is not None and moment_matrix(moment).shape[0] != w0.shape[t.in_dim]:
-        raise IncompatibleError(f"the second moment is over {moment_matrix(moment).shape[0]} channels; "
-                                f"{t.layer!r} has {w0.shape[t.in_dim]}")
+    if moment is not None:
+        moment = moment_matrix(moment)  # once: a SecondMoment's matrix is divided out on each read
+        if moment.shape[0] != w0.shape[t.in_dim]:
+            raise IncompatibleError(f"the second moment is over {moment.shape[0]} channels; "
+                                    f"{t.layer!r} has {w0.shape[t.in_dim]}")
     q = union_basis([rule.directions for rule in rules]).to(device=w0.device, dtype=w0.dtype)
     loss_fn = _loss_fn(config.loss)
     cases = [(tuple(a.to(w0.device) if torch.is_tensor(a) else a for a in _args(rule.targets.inputs)),

@@ -37,6 +37,7 @@ import json
 import logging
 import tempfile
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 from celery import shared_task
@@ -114,9 +115,8 @@ def process_merge(session_factory, store, settings, batch_id: str, warm=None, ce
 def merge_group(session_factory, store, settings, tenant_id: str, plans: list, warm=None) -> dict:
     """Solve one group's rules jointly and upload the results; the BatchMerge columns."""
     from rewriting.delta import EditDelta, materialize
-    from rewriting.edit import edit_targets
+    from rewriting.edit import edit_targets, insert_config
     from rewriting.errors import IncompatibleError
-    from rewriting.insert import InsertConfig
     from rewriting.layers import editable_layers, model_device
     from rewriting.merge import Rule, merge_rules
     from rewriting.requests import check_layer
@@ -153,10 +153,8 @@ def merge_group(session_factory, store, settings, tenant_id: str, plans: list, w
         rules.append(Rule(targets, alone.directions, alone=alone, name=job.custom_id or job.id))
 
     params = first.request.params
-    config = InsertConfig(method="closed_form" if params.method == "closed_form" else "lambda",
-                          steps=max(plan.request.params.steps for plan in plans), lr=params.lr,
-                          lr_scale=params.lr_scale, loss=params.loss, plateau_patience=params.plateau_patience,
-                          plateau_tolerance=params.plateau_tolerance)
+    config = replace(insert_config(params), method="closed_form" if params.method == "closed_form" else "lambda",
+                     steps=max(plan.request.params.steps for plan in plans))
     # Every member's statistic estimates the same keys' moment; the closed form's metric is
     # the one from the most samples.
     metric_id, metric = max(moments.items(), key=lambda item: item[1].count)

@@ -3,6 +3,9 @@ import base64
 import io
 import json
 import math
+import re
+from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -230,10 +233,6 @@ def test_requests_module_does_not_import_torch():
 
 
 def test_every_parameter_is_documented_with_its_default():
-    import re
-    from dataclasses import asdict
-    from pathlib import Path
-
     doc = (Path(__file__).resolve().parents[2] / "docs" / "requests.md").read_text()
     rows = dict(re.findall(r"^\| `([a-z_]+)` \| ([^|]+) \|", doc, re.M))
     for name, default in asdict(EditParams()).items():

@@ -132,6 +132,21 @@ def test_a_closed_form_merge_fits_every_rule_in_the_members_statistics_metric(wo
         assert entry["merged_loss"] < 1e-6 * entry["initial_loss"]
 
 
+def test_a_closed_form_merge_of_one_member_gives_back_its_own_update(world, batches):
+    # Only the least change in the member's C metric is the member's own update (the least
+    # Euclidean change is another weight: tests/engine/test_merge.py), so this fails if the
+    # worker does not hand the merge its statistic.
+    batch_id, (job_id,) = batches.create([("a", "layer3.conv", copy_between(1, 2))],
+                                         method="closed_form", rank=2, loss="mse", halo=True)
+    assert batches.merge(batch_id) == "completed"
+    (row,) = batches.merges(batch_id)
+    with session_scope(world.session_factory) as session:
+        (own,) = session.scalars(select(Artifact).where(Artifact.job_id == job_id, Artifact.name == "delta")).all()
+    alone = EditDelta.from_bytes(world.read(own.object_key)).update(torch.float64)
+    merged = EditDelta.from_bytes(world.read(row.delta_object_key)).update(torch.float64)
+    assert torch.allclose(merged, alone, rtol=1e-4, atol=1e-6 * alone.abs().max())
+
+
 def test_members_are_grouped_by_layer(batches):
     batch_id, _ = batches.create([("a", "layer3", copy_between(1, 2)), ("b", "layer4", copy_between(1, 2)),
                                   ("c", "layer4", copy_between(5, 6))])
