@@ -1,19 +1,22 @@
-"""Dome to spire as successive edits at several layers, each fitted on the model edited so far.
+"""A demo edit as successive edits at several layers, each fitted on the model edited so far.
 
-    python bench/demo_chain.py [--layers layer5.conv,layer6.conv] [--pairs 5] [--samples 500] \
-        [--param rank=8 ...] [--strengths 1.25,2]
+    python bench/demo_chain.py [--edit dome_to_spire] [--layers layer5.conv,layer6.conv] [--pairs 5] \
+        [--samples 500] [--param rank=8 ...] [--strengths 1.25,2] [--grid docs/img/x.png]
 
-For each of the first ``--pairs`` dome_to_spire request pairs (demo/requests/eval/), one
+For each of the first ``--pairs`` request pairs of ``--edit`` (demo/requests/eval/), one
 edit per layer, in order: ``run_edit`` of the pair's request on the model with the earlier
 edits applied, with that model's own statistic of the layer (``STAT_SEEDS``), so that each
 layer fits what the layers before it left undone. Edits are ``closed_form`` with the halo,
 every key direction and the MSE loss unless ``--param NAME=JSON`` says otherwise. After
 each layer the chain so far is measured as bench/demo_eval.py measures an edit (edit
-success, pixel change and feature distance outside the domes, ``--samples`` held-out
-images with a dome). ``--strengths`` also measures the whole chain with every edit's
-Lambda multiplied by each factor (1: the fit itself), to see how far past the fit the
-rule still gains. Prints each pair and the mean ± standard deviation over pairs. About
-3 minutes for two layers and 500 images on two CPU cores. Figures in docs/demo.md.
+success, pixel change and feature distance outside the source class, on ``--samples``
+held-out images chosen as it chooses them: with a dome for dome_to_spire, and so on).
+``--strengths`` also measures the whole chain with every edit's Lambda multiplied by each
+factor (1: the fit itself), to see how far past the fit the rule still gains. ``--grid
+PATH`` writes a PNG of the first pair's first 8 held-out images, before and after each
+layer of the chain (a row each). Prints each pair and the mean ± standard deviation over
+pairs. About 2 minutes for two layers and 500 images on two idle CPU cores. Figures in
+docs/demo.md.
 """
 import argparse
 import sys
@@ -26,10 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from demo.artifacts import GENERATOR_PATH, SEGMENTER_PATH, load_weights  # noqa: E402
-from demo.examples import load_eval_requests  # noqa: E402
+from demo.examples import EDITS, load_eval_requests  # noqa: E402
 from demo_eval import STAT_SEEDS, HeldOut, figures_text, mean_spread, measure, param_overrides  # noqa: E402
 from rewriting.delta import applied  # noqa: E402
 from rewriting.edit import run_edit  # noqa: E402
+from rewriting.render import image_grid  # noqa: E402
 from rewriting.requests import parse_request  # noqa: E402
 from rewriting.statistics import compute_second_moment  # noqa: E402
 
@@ -38,12 +42,14 @@ CHAIN_PARAMS = {"method": "closed_form", "halo": True, "rank": "full", "loss": "
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--edit", default="dome_to_spire", choices=EDITS)
     parser.add_argument("--layers", default="layer5.conv,layer6.conv")
     parser.add_argument("--pairs", type=int, default=5)
     parser.add_argument("--samples", type=int, default=500)
     parser.add_argument("--param", action="append", default=[], metavar="NAME=JSON",
                         help="a hyperparameter for every edit of the chain, e.g. --param rank=8")
     parser.add_argument("--strengths", default="", help="factors on every edit's Lambda, e.g. 1.25,2")
+    parser.add_argument("--grid", type=Path, help="before/after PNG of the first pair")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     params = {**CHAIN_PARAMS, **param_overrides(args.param)}
@@ -51,12 +57,13 @@ def main():
     strengths = [float(f) for f in args.strengths.split(",") if f]
     G = load_weights(GENERATOR_PATH).to(args.device)
     S = load_weights(SEGMENTER_PATH).to(args.device)
-    held = HeldOut(G, S, "dome_to_spire", args.samples)
-    print(f"chain {' -> '.join(layers)}, {len(held.seeds)} held-out images with a dome, device {args.device}, "
+    held = HeldOut(G, S, args.edit, args.samples)
+    print(f"{args.edit}: chain {' -> '.join(layers)}, {len(held.seeds)} held-out images, device {args.device}, "
           f"params {params}", flush=True)
     rows = {i: [] for i in range(len(layers))}
     scaled = {f: [] for f in strengths}
-    for pair, raw in enumerate(load_eval_requests("dome_to_spire")[:args.pairs], 1):
+    grid_rows = [held.images[:8]]
+    for pair, raw in enumerate(load_eval_requests(args.edit)[:args.pairs], 1):
         request = parse_request(raw, params)
         deltas = []
         for i, layer in enumerate(layers):
@@ -64,14 +71,18 @@ def main():
                 moment = compute_second_moment(G, layer, STAT_SEEDS, batch_size=500)
                 deltas.append(run_edit(G, layer, request, moment).delta)
             with applied(G, deltas):
-                figures, _ = measure("dome_to_spire", held, G, S)
+                figures, after = measure(args.edit, held, G, S)
             rows[i].append(figures)
+            if pair == 1:
+                grid_rows.append(after[:8])
             print(f"  pair {pair} through {layer:12s} {figures_text(figures)}", flush=True)
         for factor in strengths:
             with applied(G, [replace(delta, lam=delta.lam * factor) for delta in deltas]):
-                figures, _ = measure("dome_to_spire", held, G, S)
+                figures, _ = measure(args.edit, held, G, S)
             scaled[factor].append(figures)
             print(f"  pair {pair} strength {factor:<8g} {figures_text(figures)}", flush=True)
+        if pair == 1 and args.grid:
+            args.grid.write_bytes(image_grid(torch.cat(grid_rows).cpu(), columns=8, scale=2))
     for i, figures in rows.items():
         print(f"through {' -> '.join(layers[:i + 1])}: {mean_spread(figures)}", flush=True)
     for factor, figures in scaled.items():
