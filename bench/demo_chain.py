@@ -62,7 +62,7 @@ def main():
           f"params {params}", flush=True)
     rows = {i: [] for i in range(len(layers))}
     scaled = {f: [] for f in strengths}
-    grid_rows = [held.images[:8]]
+    grid_rows = [held.images[:8]] if args.grid else None
     for pair, raw in enumerate(load_eval_requests(args.edit)[:args.pairs], 1):
         request = parse_request(raw, params)
         deltas = []
@@ -73,7 +73,7 @@ def main():
             with applied(G, deltas):
                 figures, after = measure(args.edit, held, G, S)
             rows[i].append(figures)
-            if pair == 1:
+            if pair == 1 and args.grid:
                 grid_rows.append(after[:8])
             print(f"  pair {pair} through {layer:12s} {figures_text(figures)}", flush=True)
         for factor in strengths:
