@@ -33,6 +33,26 @@ def default_batch_size(device) -> int:
     return 256 if torch.device(device).type == "cuda" else 64
 
 
+def collapse_repeats(keys):
+    """(map, repeats): ``keys`` [N, C, H, W] with each 2x2 block of equal key vectors kept once.
+
+    The first convolution after a nearest-neighbour upsampling (ProGAN and StyleGAN
+    blocks, the demo generator's layer3, layer5, ...) sees every key four times, and
+    the moment's product is the costly part of a statistic (docs/benchmarks.md).
+    Only a map whose blocks are all exactly equal is collapsed, so the sums stay exact;
+    ``torch.equal`` stops at the first difference, so a map that does not repeat costs
+    little. Repeated 4x4 blocks collapse twice.
+    """
+    repeats = 1
+    while keys.shape[2] % 2 == 0 and keys.shape[3] % 2 == 0 and keys.shape[2] * keys.shape[3] > 1:
+        even_rows = keys[:, :, 0::2]
+        if not (torch.equal(even_rows, keys[:, :, 1::2])
+                and torch.equal(even_rows[..., 0::2], even_rows[..., 1::2])):
+            break
+        keys, repeats = even_rows[..., 0::2], repeats * 4
+    return keys, repeats
+
+
 class SecondMoment:
     """Running count, sum and sum of outer products of key vectors (float64)."""
 
@@ -52,11 +72,16 @@ class SecondMoment:
         The batch's product runs on the keys' device in float64 for float64 keys and
         in float32 otherwise (relative error ~1e-6 for ~10^4 keys a batch, below the
         float32 keys' own accuracy and far cheaper on CPUs); the sums are float64.
+        A map that repeats each key over 2x2 blocks (see ``collapse_repeats``) is added
+        once per block and weighted: the same sums for a quarter of the product.
         """
         keys = keys.detach()
         channels = keys.shape[1] if keys.dim() == 4 else keys.shape[-1]
         if channels != self.channels:
             raise IncompatibleError(f"keys have {channels} channels, the statistic {self.channels}")
+        repeats = 1
+        if keys.dim() == 4:
+            keys, repeats = collapse_repeats(keys)
         dtype = torch.float64 if keys.dtype == torch.float64 else torch.float32
         # One column per location plus a row of ones: a single copy, then one GEMM
         # gives both the outer products and (last column) the sums.
@@ -70,7 +95,9 @@ class SecondMoment:
             cols[:channels].copy_(rows.T)
         cols[channels] = 1
         product = (cols[:channels] @ cols.T).to(device=self.moment.device, dtype=torch.float64)
-        self.count += cols.shape[1]
+        if repeats > 1:
+            product *= repeats  # a power of two: exact in float64
+        self.count += cols.shape[1] * repeats
         self.moment += product[:, :channels]
         self.sum += product[:, channels]
         return self
