@@ -80,18 +80,30 @@ def bench_statistics(model, layer, n, batch, rounds):
     seeds = list(range(n))
     z_all = latents(seeds, model.z_dim).to(device)
 
+    shares = []  # CPU: each batch's update time over its own forward pass's
+
     def bare(add=False):
-        """The floor's loop; with ``add``, each batch's keys also go into a SecondMoment."""
+        """The floor's loop; with ``add``, each batch's keys also go into a SecondMoment.
+
+        On a CPU each update is also timed against its own batch's forward pass: the two
+        run back to back, so load that drifts over seconds shifts both, and on this shared
+        2-core machine that ratio moves by a few percent where whole runs move by tens. On
+        CUDA it would need a sync inside each batch, which changes what it measures.
+        """
         stat = None
         with Trace(model, layer, stop="keys") as tr, torch.no_grad():
             for i in range(0, n, batch):
+                t0 = time.perf_counter()
                 try:
                     model(z_all[i:i + batch])
                 except StopForward:
                     pass
                 if add:
+                    t1 = time.perf_counter()
                     stat = stat or SecondMoment(tr.keys.shape[1], device)
                     stat.update(tr.keys)
+                    if device.type == "cpu":
+                        shares.append((time.perf_counter() - t1) / (t1 - t0))
         return tr
 
     def full():
@@ -125,36 +137,13 @@ def bench_statistics(model, layer, n, batch, rounds):
     print(f"  overhead over the floor, median of the rounds' own ratios: {100 * overhead:.1f}% "
           f"(rounds {100 * per_round[0]:.1f}% to {100 * per_round[-1]:.1f}%; goal: <= 10%); "
           f"moment update alone {100 * update:.1f}%")
-    if device.type == "cpu":
-        shares = update_shares(model, layer, z_all, batch, rounds)
+    if shares:
+        shares.sort()
         q = [shares[len(shares) * i // 4] for i in (1, 2, 3)]
         print(f"  moment update per batch, over that batch's forward pass: median {100 * q[1]:.1f}% "
               f"(quartiles {100 * q[0]:.1f}% to {100 * q[2]:.1f}%, {len(shares)} batches)")
     return {"batch": batch, "floor": n / t_bare, "update": n / t_upd, "stats": n / t_stat,
             "overhead": overhead}
-
-
-def update_shares(model, layer, z_all, batch, rounds):
-    """CPU only: each batch's moment update time over its own forward pass's, sorted.
-
-    The two run back to back, so load that drifts over seconds shifts both; on this
-    shared 2-core machine whole-run ratios swing by tens of percent, this one by a few.
-    On CUDA the timing would need a sync inside each batch, which changes what it measures.
-    """
-    shares, stat = [], None
-    with Trace(model, layer, stop="keys") as tr, torch.no_grad():
-        for _ in range(rounds):
-            for i in range(0, len(z_all), batch):
-                t0 = time.perf_counter()
-                try:
-                    model(z_all[i:i + batch])
-                except StopForward:
-                    pass
-                t1 = time.perf_counter()
-                stat = stat or SecondMoment(tr.keys.shape[1])
-                stat.update(tr.keys)
-                shares.append((time.perf_counter() - t1) / (t1 - t0))
-    return sorted(shares)
 
 
 def edit_problem(model, layer, stat):

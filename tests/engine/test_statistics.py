@@ -48,6 +48,8 @@ def test_one_differing_value_in_any_image_keeps_the_whole_map():
     assert torch.allclose(SecondMoment(5).update(up).moment, rows.T @ rows, rtol=1e-13, atol=1e-13)
     odd = torch.randn(2, 3, 5, 5)
     assert collapse_repeats(odd)[0] is odd
+    rows_only = torch.randn(2, 3, 4, 8).repeat_interleave(2, dim=2)  # equal rows, distinct columns
+    assert collapse_repeats(rows_only)[0] is rows_only
 
 
 def test_float32_keys_agree_with_float64_to_float32_precision():
