@@ -45,6 +45,7 @@ class TrainConfig:
     r1_gamma: float = 0.5
     r1_every: int = 4  # lazy regularization: penalize every k steps, scaled by k
     ema_decay: float = 0.999
+    diversity: float = 0.0  # weight of the mode-seeking term (0: off, as the shipped run)
     checkpoint_every: int = 2000
     log_every: int = 200
     seed: int = 0
@@ -99,6 +100,19 @@ def r1_penalty(D, reals):
     return grad.pow(2).sum((1, 2, 3)).mean()
 
 
+def latent_spread(fakes, z):
+    """Image distance over latent distance between the batch's two halves (Mao et al. 2019).
+
+    Near 0 when distinct latents draw near-identical images: the mode collapse measured
+    in the shipped generator (docs/demo.md). Logged always; ``diversity`` > 0 adds
+    ``diversity / spread`` to the generator's loss (MSGAN's mode-seeking term).
+    """
+    half = len(z) // 2
+    images = (fakes[:half] - fakes[half:2 * half]).abs().mean()
+    latents = (z[:half] - z[half:2 * half]).abs().mean()
+    return images / latents
+
+
 def train(cfg: TrainConfig, out_dir, device, resume=None, init_generator=None, log=print):
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -135,7 +149,7 @@ def train(cfg: TrainConfig, out_dir, device, resume=None, init_generator=None, l
     run_start = time.time()
     it = start
     figures = {}
-    sums = {"loss_d": 0.0, "loss_g": 0.0, "r1": 0.0, "d_real": 0.0, "d_fake": 0.0}
+    sums = {"loss_d": 0.0, "loss_g": 0.0, "r1": 0.0, "d_real": 0.0, "d_fake": 0.0, "spread": 0.0}
     counts = {k: 0 for k in sums}
 
     def checkpoint(final=False):
@@ -171,7 +185,11 @@ def train(cfg: TrainConfig, out_dir, device, resume=None, init_generator=None, l
         opt_d.step()
 
         # Generator step.
-        loss_g = F.softplus(-D(G(z))).mean()
+        fakes = G(z)
+        loss_g = F.softplus(-D(fakes)).mean()
+        spread = latent_spread(fakes if cfg.diversity else fakes.detach(), z)
+        if cfg.diversity:
+            loss_g = loss_g + cfg.diversity / (spread + 1e-5)
         opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         opt_g.step()
@@ -181,7 +199,8 @@ def train(cfg: TrainConfig, out_dir, device, resume=None, init_generator=None, l
                 p_ema.lerp_(p, 1 - cfg.ema_decay)
         it += 1
         if it % cfg.log_every == 0 or it == cfg.iterations:
-            for k, v in (("loss_d", loss_d), ("loss_g", loss_g), ("d_real", d_real.mean()), ("d_fake", d_fake.mean())):
+            for k, v in (("loss_d", loss_d), ("loss_g", loss_g), ("d_real", d_real.mean()), ("d_fake", d_fake.mean()),
+                         ("spread", spread)):
                 sums[k] += v.item()
                 counts[k] += 1
             figures = {k: round(sums[k] / max(counts[k], 1), 4) for k in sums}
@@ -204,6 +223,8 @@ def main(argv=None):
     parser.add_argument("--iterations", type=int, help="override the config's iteration count")
     parser.add_argument("--batch-size", type=int, help="override the config's batch size")
     parser.add_argument("--max-seconds", type=float, help="stop (and save) after this much wall-clock time")
+    parser.add_argument("--r1-gamma", type=float, help="override the config's R1 weight")
+    parser.add_argument("--diversity", type=float, help="weight of the mode-seeking term (default 0: off)")
     args = parser.parse_args(argv)
     cfg = CONFIGS[args.config]
     if args.iterations is not None:
@@ -212,6 +233,10 @@ def main(argv=None):
         cfg = replace(cfg, batch_size=args.batch_size)
     if args.max_seconds is not None:
         cfg = replace(cfg, max_seconds=args.max_seconds)
+    if args.r1_gamma is not None:
+        cfg = replace(cfg, r1_gamma=args.r1_gamma)
+    if args.diversity is not None:
+        cfg = replace(cfg, diversity=args.diversity)
     train(cfg, args.out, pick_device(args.device), resume=args.resume, init_generator=args.init_generator)
 
 

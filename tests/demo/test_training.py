@@ -38,6 +38,28 @@ def test_tiny_generator_trains_saves_and_resumes(tmp_path):
     assert any(not torch.equal(first[k], moved[k]) for k in first)
 
 
+def test_latent_spread_is_image_distance_over_latent_distance():
+    z = torch.tensor([[0.0, 0.0], [1.0, 1.0], [2.0, 0.0], [1.0, 3.0]])  # halves: rows 0-1 against 2-3
+    same = torch.ones(4, 3, 2, 2)
+    assert train_generator.latent_spread(same, z).item() == 0  # distinct latents, one image: collapse
+    fakes = torch.zeros(4, 3, 2, 2)
+    fakes[2:] = 0.5  # every pixel of a pair differs by 0.5; latents by |2|,|0|,|0|,|2|: mean 1
+    assert abs(train_generator.latent_spread(fakes, z).item() - 0.5) < 1e-7
+
+
+def test_mode_seeking_term_changes_training_and_is_recorded(tmp_path):
+    plain, seeking = tmp_path / "plain", tmp_path / "seeking"
+    common = ["--config", "tiny", "--device", "cpu", "--iterations", "10", "--r1-gamma", "2"]
+    train_generator.main(common + ["--out", str(plain)])
+    train_generator.main(common + ["--out", str(seeking), "--diversity", "1"])
+    record = json.loads((seeking / "generator.json").read_text())
+    assert record["train_config"]["diversity"] == 1 and record["train_config"]["r1_gamma"] == 2
+    assert record["final"]["spread"] > 0
+    assert json.loads((plain / "generator.json").read_text())["train_config"]["diversity"] == 0
+    a, b = load_file(str(plain / "generator.safetensors")), load_file(str(seeking / "generator.safetensors"))
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
 def test_tiny_segmenter_trains_and_reports_iou(tmp_path):
     train_segmenter.main(["--config", "tiny", "--out", str(tmp_path), "--device", "cpu"])
     record = json.loads((tmp_path / "segmenter.json").read_text())
