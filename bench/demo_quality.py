@@ -52,6 +52,9 @@ def describe(labels):
             for i, c in enumerate(CLASSES)}
 
 
+TWIN = 0.05  # RMS pixel distance (images on [-1, 1]) within which two images are twins
+
+
 def nearest_others(images):
     """Each image's RMS pixel distance to its nearest other image in the set, and which one."""
     flat = images.flatten(1).double()
@@ -61,43 +64,46 @@ def nearest_others(images):
 
 
 def near_duplicates(nearest, index, latents=None):
-    report = {f"share_within_{t}": round((nearest < t).double().mean().item(), 3) for t in (0.03, 0.05)}
+    report = {f"share_within_{t}": round((nearest < t).double().mean().item(), 3) for t in (0.03, TWIN)}
     report["median_nearest"] = round(nearest.median().item(), 4)
-    twins = (nearest < 0.05).nonzero().flatten()
+    twins = (nearest < TWIN).nonzero().flatten()
     if latents is not None and len(twins):
         cosine = torch.cosine_similarity(latents[twins], latents[index[twins]], dim=1)
         report["twin_latent_cosine_mean"] = round(cosine.mean().item(), 3)
     return report
 
 
-def block_distances(G, seeds_a, seeds_b, blocks, batch_size=50):
-    """Per block, the median distance between its outputs for seeds_a[i] and seeds_b[i]."""
-    dists = {name: [] for name in blocks}
-    for i in range(0, len(seeds_a), batch_size):
-        outputs = []
-        for seeds in (seeds_a[i:i + batch_size], seeds_b[i:i + batch_size]):
-            with ExitStack() as stack, torch.no_grad():
-                traces = {name: stack.enter_context(Trace(G, name)) for name in blocks}
-                G(sample_inputs(G, seeds))
-            outputs.append({name: trace.output.flatten(1) for name, trace in traces.items()})
-        for name in blocks:
-            dists[name].append((outputs[0][name] - outputs[1][name]).norm(dim=1))
-    return {name: torch.cat(d).median().item() for name, d in dists.items()}
+def block_outputs(G, seeds, blocks):
+    """{block: its output for ``seeds``, one row per image}, from one forward pass."""
+    with ExitStack() as stack, torch.no_grad():
+        traces = {name: stack.enter_context(Trace(G, name)) for name in blocks}
+        G(sample_inputs(G, seeds))
+    return {name: trace.output.flatten(1) for name, trace in traces.items()}
 
 
-def collapse_by_block(G, nearest, index, max_pairs=200):
+def collapse_by_block(G, nearest, index, max_pairs=200, batch_size=50):
     """Twins' feature distance over random pairs', for each ``layerN`` block of a demo-gan.
 
-    The generated set is latent seeds 0..N-1, so an image's index is its seed.
+    The generated set is latent seeds 0..N-1, so an image's index is its seed. Each
+    figure is the median distance from an image to its twin over the median distance
+    from the same image to a random other one.
     """
-    twins = (nearest < 0.05).nonzero().flatten()[:max_pairs].tolist()
+    twins = (nearest < TWIN).nonzero().flatten()[:max_pairs].tolist()
     if not twins:
         return {}
-    others = torch.randperm(len(nearest), generator=torch.Generator().manual_seed(0))[:len(twins)].tolist()
+    partners = {"twin": index[twins].tolist(),
+                "random": torch.randperm(len(nearest), generator=torch.Generator().manual_seed(0))[:len(twins)].tolist()}
     blocks = [name for name in G.blocks if name.startswith("layer")]
-    twin = block_distances(G, twins, index[twins].tolist(), blocks)
-    rand = block_distances(G, twins, others, blocks)
-    return {name: round(twin[name] / rand[name], 3) for name in blocks}
+    dists = {kind: {name: [] for name in blocks} for kind in partners}
+    for i in range(0, len(twins), batch_size):
+        own = block_outputs(G, twins[i:i + batch_size], blocks)
+        for kind, seeds in partners.items():
+            other = block_outputs(G, seeds[i:i + batch_size], blocks)
+            for name in blocks:
+                dists[kind][name].append((own[name] - other[name]).norm(dim=1))
+    median = {kind: {name: torch.cat(d).median().item() for name, d in by_block.items()}
+              for kind, by_block in dists.items()}
+    return {name: round(median["twin"][name] / median["random"][name], 3) for name in blocks}
 
 
 def main(argv=None):

@@ -24,6 +24,7 @@ architecture with random (untrained) weights.
 """
 import argparse
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -131,15 +132,14 @@ def bench_statistics(model, layer, n, batch, rounds):
                     ("compute_second_moment (default)", t_stat)]:
         print(f"  {name:48s} {n / t:9.1f} samples/s  ({t * 1000:8.1f} ms)")
     # Each round's own ratio, then their median: the floor drifts between rounds on a shared machine.
-    per_round = sorted(s / b - 1 for s, b in zip(times[4], times[0]))
-    update_rounds = sorted(u / b - 1 for u, b in zip(times[2], times[0]))
-    overhead, update = per_round[len(per_round) // 2], update_rounds[len(update_rounds) // 2]
+    per_round = [s / b - 1 for s, b in zip(times[4], times[0])]
+    overhead = statistics.median(per_round)
+    update = statistics.median(u / b - 1 for u, b in zip(times[2], times[0]))
     print(f"  overhead over the floor, median of the rounds' own ratios: {100 * overhead:.1f}% "
-          f"(rounds {100 * per_round[0]:.1f}% to {100 * per_round[-1]:.1f}%; goal: <= 10%); "
+          f"(rounds {100 * min(per_round):.1f}% to {100 * max(per_round):.1f}%; goal: <= 10%); "
           f"moment update alone {100 * update:.1f}%")
-    if shares:
-        shares.sort()
-        q = [shares[len(shares) * i // 4] for i in (1, 2, 3)]
+    if len(shares) > 1:
+        q = statistics.quantiles(shares, n=4)
         print(f"  moment update per batch, over that batch's forward pass: median {100 * q[1]:.1f}% "
               f"(quartiles {100 * q[0]:.1f}% to {100 * q[2]:.1f}%, {len(shares)} batches)")
     return {"batch": batch, "floor": n / t_bare, "update": n / t_upd, "stats": n / t_stat,

@@ -187,9 +187,8 @@ def train(cfg: TrainConfig, out_dir, device, resume=None, init_generator=None, l
         # Generator step.
         fakes = G(z)
         loss_g = F.softplus(-D(fakes)).mean()
-        spread = latent_spread(fakes if cfg.diversity else fakes.detach(), z)
         if cfg.diversity:
-            loss_g = loss_g + cfg.diversity / (spread + 1e-5)
+            loss_g = loss_g + cfg.diversity / (latent_spread(fakes, z) + 1e-5)
         opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         opt_g.step()
@@ -200,7 +199,7 @@ def train(cfg: TrainConfig, out_dir, device, resume=None, init_generator=None, l
         it += 1
         if it % cfg.log_every == 0 or it == cfg.iterations:
             for k, v in (("loss_d", loss_d), ("loss_g", loss_g), ("d_real", d_real.mean()), ("d_fake", d_fake.mean()),
-                         ("spread", spread)):
+                         ("spread", latent_spread(fakes.detach(), z))):
                 sums[k] += v.item()
                 counts[k] += 1
             figures = {k: round(sums[k] / max(counts[k], 1), 4) for k in sums}

@@ -48,9 +48,10 @@ def test_latent_spread_is_image_distance_over_latent_distance():
 
 
 def test_mode_seeking_term_changes_training_and_is_recorded(tmp_path):
-    plain, seeking = tmp_path / "plain", tmp_path / "seeking"
+    plain, again, seeking = tmp_path / "plain", tmp_path / "again", tmp_path / "seeking"
     common = ["--config", "tiny", "--device", "cpu", "--iterations", "10", "--r1-gamma", "2"]
     train_generator.main(common + ["--out", str(plain)])
+    train_generator.main(common + ["--out", str(again)])
     train_generator.main(common + ["--out", str(seeking), "--diversity", "1"])
     record = json.loads((seeking / "generator.json").read_text())
     assert record["train_config"]["diversity"] == 1 and record["train_config"]["r1_gamma"] == 2
@@ -58,6 +59,9 @@ def test_mode_seeking_term_changes_training_and_is_recorded(tmp_path):
     assert json.loads((plain / "generator.json").read_text())["train_config"]["diversity"] == 0
     a, b = load_file(str(plain / "generator.safetensors")), load_file(str(seeking / "generator.safetensors"))
     assert any(not torch.equal(a[k], b[k]) for k in a)
+    # Training is deterministic, so the difference above is the term's, not run-to-run noise.
+    same = load_file(str(again / "generator.safetensors"))
+    assert all(torch.equal(a[k], same[k]) for k in a)
 
 
 def test_tiny_segmenter_trains_and_reports_iou(tmp_path):
