@@ -1,7 +1,8 @@
 """A demo edit as successive edits at several layers, each fitted on the model edited so far.
 
     python bench/demo_chain.py [--edit dome_to_spire] [--layers layer5.conv,layer6.conv] [--pairs 5] \
-        [--samples 500] [--param rank=8 ...] [--strengths 1.25,2] [--grid docs/img/x.png]
+        [--samples 500] [--param rank=8 ...] [--strengths 1.25,2] [--grid docs/img/x.png] \
+        [--model CANDIDATE.safetensors --requests DIR]
 
 For each of the first ``--pairs`` request pairs of ``--edit`` (demo/requests/eval/), one
 edit per layer, in order: ``run_edit`` of the pair's request on the model with the earlier
@@ -28,9 +29,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from demo.artifacts import GENERATOR_PATH, SEGMENTER_PATH, load_weights  # noqa: E402
+from demo.artifacts import SEGMENTER_PATH, load_weights  # noqa: E402
 from demo.examples import EDITS, load_eval_requests  # noqa: E402
-from demo_eval import STAT_SEEDS, HeldOut, figures_text, mean_spread, measure, param_overrides  # noqa: E402
+from demo_eval import (  # noqa: E402
+    STAT_SEEDS, HeldOut, add_candidate_arguments, figures_text, mean_spread, measure, param_overrides)
 from rewriting.delta import applied  # noqa: E402
 from rewriting.edit import run_edit  # noqa: E402
 from rewriting.render import image_grid  # noqa: E402
@@ -42,6 +44,7 @@ CHAIN_PARAMS = {"method": "closed_form", "halo": True, "rank": "full", "loss": "
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_candidate_arguments(parser)
     parser.add_argument("--edit", default="dome_to_spire", choices=EDITS)
     parser.add_argument("--layers", default="layer5.conv,layer6.conv")
     parser.add_argument("--pairs", type=int, default=5)
@@ -55,7 +58,7 @@ def main():
     params = {**CHAIN_PARAMS, **param_overrides(args.param)}
     layers = args.layers.split(",")
     strengths = [float(f) for f in args.strengths.split(",") if f]
-    G = load_weights(GENERATOR_PATH).to(args.device)
+    G = load_weights(args.model).to(args.device)
     S = load_weights(SEGMENTER_PATH).to(args.device)
     held = HeldOut(G, S, args.edit, args.samples)
     print(f"{args.edit}: chain {' -> '.join(layers)}, {len(held.seeds)} held-out images, device {args.device}, "
@@ -63,7 +66,7 @@ def main():
     rows = {i: [] for i in range(len(layers))}
     scaled = {f: [] for f in strengths}
     grid_rows = [held.images[:8]] if args.grid else None
-    for pair, raw in enumerate(load_eval_requests(args.edit)[:args.pairs], 1):
+    for pair, raw in enumerate(load_eval_requests(args.edit, args.requests)[:args.pairs], 1):
         request = parse_request(raw, params)
         deltas = []
         for i, layer in enumerate(layers):

@@ -2,6 +2,7 @@
 
     python bench/demo_eval.py [--out DIR] [--samples 500] [--other-samples 100] [--pairs 5]
                               [--edits a,b] [--layers layer4,layer6] [--steps N] [--finetune-steps 300]
+                              [--model CANDIDATE.safetensors --requests DIR]
 
 For each edit (demo/requests/eval/<edit>_<i>.json, see demo/examples.py) and each
 request pair, at the 8x8 layer (layer4) and the 16x16 layer (layer6) by default:
@@ -45,7 +46,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from demo.artifacts import GENERATOR_PATH, SEGMENTER_PATH, load_weights  # noqa: E402
+from demo.artifacts import GENERATOR_PATH, REQUESTS_DIR, SEGMENTER_PATH, load_weights  # noqa: E402
 from demo.examples import EDITS, load_eval_requests  # noqa: E402
 from demo.scenes import DOME, SPIRE, TREE  # noqa: E402
 from rewriting.delta import applied  # noqa: E402
@@ -190,8 +191,16 @@ def summarize(values):
             "n": len(values)}
 
 
+def add_candidate_arguments(parser):
+    """``--model`` and ``--requests``: measure a candidate generator on the requests that
+    ``python -m demo.examples --model M --out DIR`` found in its own images."""
+    parser.add_argument("--model", default=str(GENERATOR_PATH), help="the generator to edit (demo-gan checkpoint)")
+    parser.add_argument("--requests", default=str(REQUESTS_DIR), help="a request folder as demo.examples writes it")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_candidate_arguments(parser)
     parser.add_argument("--out", default=str(ROOT / "bench" / "demo_eval_out"))
     parser.add_argument("--samples", type=int, default=500, help="held-out images for dome_to_spire")
     parser.add_argument("--other-samples", type=int, default=100, help="held-out images for the other edits")
@@ -206,7 +215,7 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    G, S = load_weights(GENERATOR_PATH), load_weights(SEGMENTER_PATH)
+    G, S = load_weights(args.model), load_weights(SEGMENTER_PATH)
     infos = {i.name: i for i in editable_layers(G)}
     t0 = time.time()
     layers = args.layers.split(",")
@@ -222,7 +231,7 @@ def main(argv=None):
         print(f"{edit}: {len(held.seeds)} held-out images ({time.time() - t_edit:.0f}s)", flush=True)
         rows = []
         grid_after = {}
-        for pair, raw in enumerate(load_eval_requests(edit)[:args.pairs], 1):
+        for pair, raw in enumerate(load_eval_requests(edit, args.requests)[:args.pairs], 1):
             request = parse_request(raw)
             if args.steps:
                 request = replace(request, params=replace(request.params, steps=args.steps))

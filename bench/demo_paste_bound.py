@@ -1,7 +1,7 @@
 """Dome to spire: how far a paste at one layer can go, and how far the edit gets on its own image.
 
     python bench/demo_paste_bound.py [--layers layer4,layer5,layer6] [--samples 200] [--pairs 5] \
-        [--rank 1] [--param alpha_area=false ...]
+        [--rank 1] [--param alpha_area=false ...] [--model CANDIDATE.safetensors --requests DIR]
 
 Part 1, the paste bound, no weight changed: each request pair's copied spire (the layer's
 output over the copy box's cells, whole cells) is written into the layer's output over the
@@ -28,10 +28,10 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from demo.artifacts import GENERATOR_PATH, SEGMENTER_PATH, load_weights  # noqa: E402
+from demo.artifacts import SEGMENTER_PATH, load_weights  # noqa: E402
 from demo.examples import components, largest_object, load_eval_requests  # noqa: E402
 from demo.scenes import DOME, SPIRE  # noqa: E402
-from demo_eval import STAT_SEEDS, HeldOut, param_overrides, pasted_image  # noqa: E402
+from demo_eval import STAT_SEEDS, HeldOut, add_candidate_arguments, param_overrides, pasted_image  # noqa: E402
 from rewriting.delta import applied  # noqa: E402
 from rewriting.edit import run_edit  # noqa: E402
 from rewriting.layers import Trace, get_module, sample_inputs  # noqa: E402
@@ -98,6 +98,7 @@ def spread(values):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_candidate_arguments(parser)
     parser.add_argument("--layers", default="layer4,layer5,layer6")
     parser.add_argument("--samples", type=int, default=200)
     parser.add_argument("--pairs", type=int, default=5)
@@ -106,11 +107,11 @@ def main():
                         help="another hyperparameter for the edits, e.g. --param alpha_area=false")
     args = parser.parse_args()
     overrides = param_overrides(args.param)
-    G, S = load_weights(GENERATOR_PATH), load_weights(SEGMENTER_PATH)
+    G, S = load_weights(args.model), load_weights(SEGMENTER_PATH)
     held = HeldOut(G, S, "dome_to_spire", args.samples)
     domes = [largest_object(ids, labels, DOME)[1] for ids, labels in zip(components(held.labels == DOME), held.labels)]
     requests = [parse_request(raw, {**overrides, "rank": args.rank})
-                for raw in load_eval_requests("dome_to_spire")[:args.pairs]]
+                for raw in load_eval_requests("dome_to_spire", args.requests)[:args.pairs]]
     print(f"{len(held.seeds)} held-out images with a dome, {len(requests)} request pairs; "
           f"edits at rank {args.rank}, params {overrides or 'as requested'}", flush=True)
     for layer in args.layers.split(","):

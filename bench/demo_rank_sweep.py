@@ -1,7 +1,7 @@
 """Dome to spire at one layer and several ranks, each next to its random-direction control.
 
     python bench/demo_rank_sweep.py [--layer layer5] [--ranks 1,3,full] [--pairs 5] [--samples 500] \
-        [--param key_method=\"svd\" ...]
+        [--param key_method=\"svd\" ...] [--model CANDIDATE.safetensors --requests DIR]
 
 For each rank r and each of the first ``--pairs`` dome_to_spire request pairs
 (demo/requests/eval/), the engine's edit (``run_edit`` with the request's params and
@@ -22,9 +22,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from demo.artifacts import GENERATOR_PATH, SEGMENTER_PATH, load_weights  # noqa: E402
+from demo.artifacts import SEGMENTER_PATH, load_weights  # noqa: E402
 from demo.examples import load_eval_requests  # noqa: E402
-from demo_eval import STAT_SEEDS, HeldOut, figures_text, mean_spread, measure, param_overrides  # noqa: E402
+from demo_eval import (  # noqa: E402
+    STAT_SEEDS, HeldOut, add_candidate_arguments, figures_text, mean_spread, measure, param_overrides)
 from rewriting.delta import applied  # noqa: E402
 from rewriting.edit import fit_targets, insert_config, run_edit  # noqa: E402
 from rewriting.layers import editable_layers  # noqa: E402
@@ -34,6 +35,7 @@ from rewriting.statistics import compute_second_moment  # noqa: E402
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_candidate_arguments(parser)
     parser.add_argument("--layer", default="layer5")
     parser.add_argument("--ranks", default="1,3")
     parser.add_argument("--pairs", type=int, default=5)
@@ -43,7 +45,7 @@ def main():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     overrides = param_overrides(args.param)
-    G = load_weights(GENERATOR_PATH).to(args.device)
+    G = load_weights(args.model).to(args.device)
     S = load_weights(SEGMENTER_PATH).to(args.device)
     keys = {i.name: i for i in editable_layers(G)}[args.layer].key_channels
     moment = compute_second_moment(G, args.layer, STAT_SEEDS, batch_size=500)
@@ -52,7 +54,7 @@ def main():
           f"params {overrides or 'as requested'}", flush=True)
     for rank in [r if r == FULL_RANK else int(r) for r in args.ranks.split(",")]:
         rows = {"edit": []} if rank == FULL_RANK else {"edit": [], "random": []}
-        for pair, raw in enumerate(load_eval_requests("dome_to_spire")[:args.pairs], 1):
+        for pair, raw in enumerate(load_eval_requests("dome_to_spire", args.requests)[:args.pairs], 1):
             request = parse_request(raw, {**overrides, "rank": rank})
             result = run_edit(G, args.layer, request, moment)
             deltas = [("edit", result.delta)]

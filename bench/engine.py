@@ -9,7 +9,10 @@
    "forward + moment update" (latents already on the device) separates the two.
    Times are the best of ``--rounds`` interleaved rounds; the overhead is the median
    of each round's own ratio. On a CPU it also prints each batch's update time over
-   its own forward pass, which stays steady where whole runs drift.
+   its own forward pass, which stays steady where whole runs drift. At a layer whose
+   keys repeat over 2x2 blocks (after an upsampling), "repeat check skipped" feeds the
+   update the collapsed keys directly: the gap to "forward + moment update" is the
+   price of ``collapse_repeats``' comparisons (on CUDA, two host waits a batch).
 2. Insert: wall time of the projected method (5a, the paper's defaults) and the
    lambda method (5b) on one paste edit, the time 5b needs to reach 5a's final
    loss, and the peak of tensor memory each allocates beyond what exists before it
@@ -23,6 +26,7 @@ Uses demo/weights/generator.safetensors when present, else the demo Generator
 architecture with random (untrained) weights.
 """
 import argparse
+import math
 import os
 import statistics
 import sys
@@ -39,7 +43,8 @@ from rewriting.directions import context_directions  # noqa: E402
 from rewriting.insert import InsertConfig, insert  # noqa: E402
 from rewriting.layers import StopForward, Trace, model_device, sample_inputs  # noqa: E402
 from rewriting.seeds import latents  # noqa: E402
-from rewriting.statistics import SecondMoment, compute_second_moment, default_batch_size  # noqa: E402
+from rewriting.statistics import (  # noqa: E402
+    SecondMoment, collapse_repeats, compute_second_moment, default_batch_size)
 
 WEIGHTS = ROOT / "demo" / "weights" / "generator.safetensors"
 
@@ -81,10 +86,16 @@ def bench_statistics(model, layer, n, batch, rounds):
     seeds = list(range(n))
     z_all = latents(seeds, model.z_dim).to(device)
 
-    shares = []  # CPU: each batch's update time over its own forward pass's
+    shares = {False: [], True: []}  # CPU, by ``unchecked``: each batch's update time over its forward pass's
 
-    def bare(add=False):
+    def bare(add=False, unchecked=False):
         """The floor's loop; with ``add``, each batch's keys also go into a SecondMoment.
+
+        ``unchecked``: one key of each repeated block goes in as rows [M, C], which
+        ``update`` takes without ``collapse_repeats``: the same product as a repeating
+        map's, without the comparisons (the statistic's count is smaller by the repeat
+        factor; only the time matters here). The rows take one copy more than a map
+        does, so the gap slightly understates what the check costs.
 
         On a CPU each update is also timed against its own batch's forward pass: the two
         run back to back, so load that drifts over seconds shifts both, and on this shared
@@ -102,9 +113,12 @@ def bench_statistics(model, layer, n, batch, rounds):
                 if add:
                     t1 = time.perf_counter()
                     stat = stat or SecondMoment(tr.keys.shape[1], device)
-                    stat.update(tr.keys)
+                    if unchecked:
+                        stat.update(tr.keys[:, :, ::step, ::step].permute(0, 2, 3, 1).reshape(-1, tr.keys.shape[1]))
+                    else:
+                        stat.update(tr.keys)
                     if device.type == "cpu":
-                        shares.append((time.perf_counter() - t1) / (t1 - t0))
+                        shares[unchecked].append((time.perf_counter() - t1) / (t1 - t0))
         return tr
 
     def full():
@@ -122,15 +136,25 @@ def bench_statistics(model, layer, n, batch, rounds):
     def stats_here():
         return compute_second_moment(model, layer, seeds, batch_size=batch, latent_threads=0)
 
-    times = timed([bare, full, lambda: bare(add=True), latents_only, stats, stats_here], device, rounds)
-    t_bare, t_full, t_upd, t_lat, t_stat, t_here = (min(t) for t in times)
     keys = bare().keys
+    repeats = collapse_repeats(keys)[1] if keys.dim() == 4 else 1
+    step = math.isqrt(repeats)
+    fns = [bare, full, lambda: bare(add=True), latents_only, stats, stats_here]
+    if repeats > 1:
+        fns.append(lambda: bare(add=True, unchecked=True))
+    times = timed(fns, device, rounds)
+    t_bare, t_full, t_upd, t_lat, t_stat, t_here = (min(t) for t in times[:6])
     print(f"\n== statistics: layer {layer}, keys {tuple(keys.shape[1:])}, {n} samples, batch {batch}, "
           f"best of {rounds} rounds")
     for name, t in [("full forward pass", t_full), ("bare forward to the keys (floor)", t_bare),
                     ("forward + moment update (latents on the device)", t_upd), ("latents from seeds", t_lat), ("compute_second_moment, latents here", t_here),
                     ("compute_second_moment (default)", t_stat)]:
         print(f"  {name:48s} {n / t:9.1f} samples/s  ({t * 1000:8.1f} ms)")
+    if repeats > 1:
+        t_unchecked = min(times[6])
+        check = statistics.median((u - v) / b for u, v, b in zip(times[2], times[6], times[0]))
+        print(f"  {'forward + moment update, repeat check skipped':48s} {n / t_unchecked:9.1f} samples/s  "
+              f"({t_unchecked * 1000:8.1f} ms); the check: {100 * check:+.1f}% of the floor (median of rounds)")
     # Each round's own ratio, then their median: the floor drifts between rounds on a shared machine.
     per_round = [s / b - 1 for s, b in zip(times[4], times[0])]
     overhead = statistics.median(per_round)
@@ -138,10 +162,11 @@ def bench_statistics(model, layer, n, batch, rounds):
     print(f"  overhead over the floor, median of the rounds' own ratios: {100 * overhead:.1f}% "
           f"(rounds {100 * min(per_round):.1f}% to {100 * max(per_round):.1f}%; goal: <= 10%); "
           f"moment update alone {100 * update:.1f}%")
-    if len(shares) > 1:
-        q = statistics.quantiles(shares, n=4)
-        print(f"  moment update per batch, over that batch's forward pass: median {100 * q[1]:.1f}% "
-              f"(quartiles {100 * q[0]:.1f}% to {100 * q[2]:.1f}%, {len(shares)} batches)")
+    for unchecked, label in ((False, ""), (True, ", repeat check skipped")):
+        if len(shares[unchecked]) > 1:
+            q = statistics.quantiles(shares[unchecked], n=4)
+            print(f"  moment update per batch{label}, over that batch's forward pass: median {100 * q[1]:.1f}% "
+                  f"(quartiles {100 * q[0]:.1f}% to {100 * q[2]:.1f}%, {len(shares[unchecked])} batches)")
     return {"batch": batch, "floor": n / t_bare, "update": n / t_upd, "stats": n / t_stat,
             "overhead": overhead}
 

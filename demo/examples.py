@@ -1,6 +1,7 @@
 """The bundled example edits, found in generated images with the segmenter.
 
     python -m demo.examples [--pairs 5]     # rewrites demo/requests/*.json
+    python -m demo.examples --model CANDIDATE.safetensors --out DIR   # a candidate generator's own requests
 
 Four edits, each as request files in the native format (docs/requests.md), with
 normalized boxes:
@@ -19,6 +20,7 @@ REQUEST_SEEDS, far below the evaluation's held-out seeds (1,000,000 and up).
 """
 import argparse
 import json
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -168,27 +170,32 @@ def build_requests(found, pairs=5, size=64):
     return out
 
 
-def write_requests(requests, layer=DEFAULT_LAYER):
-    (REQUESTS_DIR / "eval").mkdir(parents=True, exist_ok=True)
+def write_requests(requests, folder=REQUESTS_DIR, layer=DEFAULT_LAYER):
+    folder = Path(folder)
+    (folder / "eval").mkdir(parents=True, exist_ok=True)
     for edit, items in requests.items():
         for i, req in enumerate(items, 1):
-            (REQUESTS_DIR / "eval" / f"{edit}_{i}.json").write_text(json.dumps(req, indent=1) + "\n")
-        (REQUESTS_DIR / f"{edit}.json").write_text(json.dumps({**items[0], "layer": layer}, indent=1) + "\n")
+            (folder / "eval" / f"{edit}_{i}.json").write_text(json.dumps(req, indent=1) + "\n")
+        (folder / f"{edit}.json").write_text(json.dumps({**items[0], "layer": layer}, indent=1) + "\n")
 
 
-def load_eval_requests(edit):
-    """The evaluation pairs of ``edit``, as request dicts (no layer: the caller chooses)."""
-    paths = sorted((REQUESTS_DIR / "eval").glob(f"{edit}_*.json"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
+def load_eval_requests(edit, folder=REQUESTS_DIR):
+    """The evaluation pairs of ``edit`` in ``folder``, as request dicts (no layer: the caller chooses)."""
+    paths = sorted((Path(folder) / "eval").glob(f"{edit}_*.json"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
+    if not paths:
+        raise FileNotFoundError(f"no {edit} requests in {Path(folder) / 'eval'} (python -m demo.examples writes them)")
     return [json.loads(p.read_text()) for p in paths]
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs", type=int, default=5)
+    parser.add_argument("--model", default=str(GENERATOR_PATH), help="the generator to find examples in")
+    parser.add_argument("--out", default=str(REQUESTS_DIR), help="the request folder to write")
     args = parser.parse_args(argv)
-    found = find_examples(load_weights(GENERATOR_PATH), load_weights(SEGMENTER_PATH))
+    found = find_examples(load_weights(args.model), load_weights(SEGMENTER_PATH))
     print({k: len(v) for k, v in found.items()})
-    write_requests(build_requests(found, args.pairs))
+    write_requests(build_requests(found, args.pairs), args.out)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import torch
 
 from demo.artifacts import GENERATOR_PATH, REQUESTS_DIR, SEGMENTER_PATH, WEIGHTS_DIR
 from demo.examples import EDITS, load_eval_requests
+from demo.examples import main as examples_main
 from demo.scenes import render_scenes
 from demo.segmenter import confusion, iou_from_confusion
 from rewriting.checkpoint import load_model
@@ -69,3 +70,18 @@ def test_bundled_requests_parse_and_use_low_seeds(edit):
     for raw in pairs:
         # Held-out evaluation seeds start at 1,000,000: no request may reach them.
         assert max(parse_request(raw).seeds) < 1_000_000
+
+
+def test_bundled_requests_are_what_examples_finds_in_the_shipped_generator(tmp_path):
+    # Requests hold boxes found in the generator's images, so a new generator needs new
+    # requests; this fails if one ships without them. --out keeps demo/requests untouched.
+    examples_main(["--model", str(GENERATOR_PATH), "--out", str(tmp_path)])
+    written = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.json"))
+    assert written == sorted(p.relative_to(REQUESTS_DIR) for p in REQUESTS_DIR.rglob("*.json"))
+    for path in written:
+        assert (tmp_path / path).read_text() == (REQUESTS_DIR / path).read_text(), path
+
+
+def test_missing_request_folder_names_the_fix(tmp_path):
+    with pytest.raises(FileNotFoundError, match="demo.examples"):
+        load_eval_requests("dome_to_spire", tmp_path)
