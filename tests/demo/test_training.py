@@ -71,3 +71,14 @@ def test_tiny_segmenter_trains_and_reports_iou(tmp_path):
     assert set(record["final"]["iou"]) == {"sky", "ground", "building", "dome", "spire", "tree"}
     S = load_model(tmp_path / "segmenter.safetensors")
     assert S(torch.zeros(2, 3, 32, 32)).shape == (2, 6, 32, 32)
+
+
+def test_scenes_rendered_several_batches_a_call_train_the_same(tmp_path):
+    # CUDA renders 16 batches a call (fewer kernel launches); the run must not change.
+    one, four = tmp_path / "one", tmp_path / "four"
+    common = ["--config", "tiny", "--device", "cpu", "--iterations", "10"]
+    train_generator.main(common + ["--out", str(one), "--render-batches", "1"])
+    train_generator.main(common + ["--out", str(four), "--render-batches", "4"])
+    a, b = load_file(str(one / "generator.safetensors")), load_file(str(four / "generator.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((four / "generator.json").read_text())["train_config"]["render_batches"] == 4
