@@ -16,7 +16,10 @@ held-out images chosen as it chooses them: with a dome for dome_to_spire, and so
 factor (1: the fit itself), to see how far past the fit the rule still gains. ``--grid
 PATH`` writes a PNG of the first pair's first 8 held-out images, before and after each
 layer of the chain (a row each). Prints each pair and the mean ± standard deviation over
-pairs. About 2 minutes for two layers and 500 images on two idle CPU cores. Figures in
+pairs; for dome_to_spire and spire_to_dome also the whole chain's success by the colour
+of the held-out tops (each image's source-class pixels, by their mean colour's nearest
+entry in the scenes' palette), where a rule that reaches only tops of its paste's colour
+shows (docs/demo.md). About 2 minutes for two layers and 500 images on two idle CPU cores. Figures in
 docs/demo.md.
 """
 import argparse
@@ -31,15 +34,35 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from demo.artifacts import SEGMENTER_PATH, load_weights  # noqa: E402
 from demo.examples import EDITS, load_eval_requests  # noqa: E402
+from demo.scenes import TOP_COLOURS  # noqa: E402
 from demo_eval import (  # noqa: E402
-    STAT_SEEDS, HeldOut, add_candidate_arguments, figures_text, mean_spread, measure, param_overrides)
+    CLASSES_OF, STAT_SEEDS, HeldOut, add_candidate_arguments, figures_text, mean_spread, measure, param_overrides)
 from rewriting.delta import applied  # noqa: E402
 from rewriting.edit import run_edit  # noqa: E402
 from rewriting.render import image_grid  # noqa: E402
 from rewriting.requests import parse_request  # noqa: E402
+from rewriting.metrics import segment  # noqa: E402
 from rewriting.statistics import compute_second_moment  # noqa: E402
 
 CHAIN_PARAMS = {"method": "closed_form", "halo": True, "rank": "full", "loss": "mse"}
+COLOUR_NAMES = ("gold", "teal", "slate", "red", "blue")  # demo.scenes.TOP_COLOURS, in order
+
+
+def top_colours(held, source):
+    """Each held-out image's source-class pixels, by their mean colour's nearest palette entry."""
+    mask = (held.labels == source)[:, None]
+    rgb = ((held.images + 1) / 2 * mask).sum((2, 3)) / mask.sum((2, 3))
+    return torch.cdist(rgb, TOP_COLOURS.to(rgb.device)).argmin(1)
+
+
+def success_by_colour(held, colours, after, segmenter, source, target):
+    """{colour: edit success over the source pixels of the images whose tops have that colour}."""
+    labels, _ = segment(segmenter, after, batch_size=50)
+    source_pixels = held.labels == source
+    hit = ((labels == target) & source_pixels).flatten(1).sum(1)
+    pixels = source_pixels.flatten(1).sum(1)
+    return {name: (hit[colours == k].sum() / pixels[colours == k].sum()).item()
+            for k, name in enumerate(COLOUR_NAMES) if (colours == k).any()}
 
 
 def main():
@@ -63,6 +86,12 @@ def main():
     held = HeldOut(G, S, args.edit, args.samples)
     print(f"{args.edit}: chain {' -> '.join(layers)}, {len(held.seeds)} held-out images, device {args.device}, "
           f"params {params}", flush=True)
+    source, target, _ = CLASSES_OF[args.edit]
+    colours = top_colours(held, source) if target is not None else None
+    if colours is not None:
+        print("held-out tops by colour: " + ", ".join(
+            f"{name} {int((colours == k).sum())}" for k, name in enumerate(COLOUR_NAMES)), flush=True)
+    by_colour = []
     rows = {i: [] for i in range(len(layers))}
     scaled = {f: [] for f in strengths}
     grid_rows = [held.images[:8]] if args.grid else None
@@ -79,6 +108,10 @@ def main():
             if pair == 1 and args.grid:
                 grid_rows.append(after[:8])
             print(f"  pair {pair} through {layer:12s} {figures_text(figures)}", flush=True)
+        if colours is not None:  # ``after`` is the whole chain's
+            by_colour.append(success_by_colour(held, colours, after, S, source, target))
+            print(f"  pair {pair} success by top colour: "
+                  + " ".join(f"{name} {v:.3f}" for name, v in by_colour[-1].items()), flush=True)
         for factor in strengths:
             with applied(G, [replace(delta, lam=delta.lam * factor) for delta in deltas]):
                 figures, _ = measure(args.edit, held, G, S)
@@ -90,6 +123,9 @@ def main():
         print(f"through {' -> '.join(layers[:i + 1])}: {mean_spread(figures)}", flush=True)
     for factor, figures in scaled.items():
         print(f"the chain at strength {factor:g}: {mean_spread(figures)}", flush=True)
+    if by_colour:
+        print("the chain's success by top colour, mean over pairs: " + " ".join(
+            f"{name} {sum(p[name] for p in by_colour) / len(by_colour):.3f}" for name in by_colour[0]), flush=True)
 
 
 if __name__ == "__main__":
