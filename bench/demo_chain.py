@@ -41,7 +41,7 @@ from rewriting.delta import applied  # noqa: E402
 from rewriting.edit import run_edit  # noqa: E402
 from rewriting.render import image_grid  # noqa: E402
 from rewriting.requests import parse_request  # noqa: E402
-from rewriting.metrics import segment  # noqa: E402
+from rewriting.metrics import edit_success  # noqa: E402
 from rewriting.statistics import compute_second_moment  # noqa: E402
 
 CHAIN_PARAMS = {"method": "closed_form", "halo": True, "rank": "full", "loss": "mse"}
@@ -55,13 +55,9 @@ def top_colours(held, source):
     return torch.cdist(rgb, TOP_COLOURS.to(rgb.device)).argmin(1)
 
 
-def success_by_colour(held, colours, after, segmenter, source, target):
+def success_by_colour(held, colours, labels, source, target):
     """{colour: edit success over the source pixels of the images whose tops have that colour}."""
-    labels, _ = segment(segmenter, after, batch_size=50)
-    source_pixels = held.labels == source
-    hit = ((labels == target) & source_pixels).flatten(1).sum(1)
-    pixels = source_pixels.flatten(1).sum(1)
-    return {name: (hit[colours == k].sum() / pixels[colours == k].sum()).item()
+    return {name: edit_success(held.labels[colours == k], labels[colours == k], source, target)[0]
             for k, name in enumerate(COLOUR_NAMES) if (colours == k).any()}
 
 
@@ -103,18 +99,18 @@ def main():
                 moment = compute_second_moment(G, layer, STAT_SEEDS, batch_size=500)
                 deltas.append(run_edit(G, layer, request, moment).delta)
             with applied(G, deltas):
-                figures, after = measure(args.edit, held, G, S)
+                figures, after, labels = measure(args.edit, held, G, S)
             rows[i].append(figures)
             if pair == 1 and args.grid:
                 grid_rows.append(after[:8])
             print(f"  pair {pair} through {layer:12s} {figures_text(figures)}", flush=True)
-        if colours is not None:  # ``after`` is the whole chain's
-            by_colour.append(success_by_colour(held, colours, after, S, source, target))
+        if colours is not None:  # ``labels`` are the whole chain's
+            by_colour.append(success_by_colour(held, colours, labels, source, target))
             print(f"  pair {pair} success by top colour: "
                   + " ".join(f"{name} {v:.3f}" for name, v in by_colour[-1].items()), flush=True)
         for factor in strengths:
             with applied(G, [replace(delta, lam=delta.lam * factor) for delta in deltas]):
-                figures, _ = measure(args.edit, held, G, S)
+                figures, _, _ = measure(args.edit, held, G, S)
             scaled[factor].append(figures)
             print(f"  pair {pair} strength {factor:<8g} {figures_text(figures)}", flush=True)
         if pair == 1 and args.grid:

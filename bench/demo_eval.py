@@ -91,6 +91,7 @@ class HeldOut:
 
 
 def measure(edit, held, after_model, segmenter, batch=50):
+    """(figures, images after, their labels) of ``after_model`` on the held-out seeds."""
     source, target, _ = CLASSES_OF[edit]
     after = generate(after_model, held.seeds, batch)
     labels, feats = segment(segmenter, after, batch_size=batch)
@@ -103,7 +104,7 @@ def measure(edit, held, after_model, segmenter, batch=50):
         outside = held.labels != source
     return {"edit_success": success,
             "pixel_change": unwanted_pixel_change(held.images, after, outside),
-            "feature_distance": feature_distance(held.features, feats, outside)}, after
+            "feature_distance": feature_distance(held.features, feats, outside)}, after, labels
 
 
 def paste_loss(model, targets, seed):
@@ -260,12 +261,12 @@ def main(argv=None):
                 for name, (kind, obj) in conditions.items():
                     if kind == "delta":
                         with applied(G, [obj]):
-                            figures, after = measure(edit, held, G, S)
+                            figures, after, _ = measure(edit, held, G, S)
                             loss = paste_loss(G, targets, request.paste.seed)
                     else:
                         if id(obj) not in measured:  # the fine-tuned model serves both layers
                             measured[id(obj)] = measure(edit, held, obj, S)
-                        figures, after = measured[id(obj)]
+                        figures, after, _ = measured[id(obj)]
                         loss = paste_loss(obj, targets, request.paste.seed)
                     row = {"edit": edit, "pair": pair, "layer": layer, "method": name, **figures,
                            "constraint_loss": loss, "initial_loss": result.initial_loss}

@@ -1,4 +1,4 @@
-"""Quality of the shipped demo generator, measured with the shipped segmenter.
+"""Quality of a demo generator (the shipped one by default), measured with the shipped segmenter.
 
     python bench/demo_quality.py [--samples 1000] [--model demo/weights/generator.safetensors]
 

@@ -64,7 +64,7 @@ def main():
                 deltas.append(("random", control.delta("")))
             for name, delta in deltas:
                 with applied(G, [delta]):
-                    figures, _ = measure("dome_to_spire", held, G, S)
+                    figures, _, _ = measure("dome_to_spire", held, G, S)
                 rows[name].append(figures)
                 print(f"  rank {rank} pair {pair} {name:6s} {figures_text(figures)}", flush=True)
         for name, figures in rows.items():

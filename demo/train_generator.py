@@ -121,8 +121,9 @@ def scene_batches(first_iteration, cfg, device):
     many batches one ``render_scenes`` call draws (a scene depends on its seed alone, and
     the images are bit-equal either way). On CUDA a call is about 1,300 small kernels
     (as many as the generator's and discriminator's steps together) and a few host
-    waits (uploads of uniforms and palettes), whatever its size, so 16 batches are drawn at once there; on a CPU one at a time, as
-    larger calls ran slower per scene (1,024 scenes: 2.9 s at once, 2.1 s in 16 calls).
+    waits (uploads of uniforms and palettes), whatever its size, so 16 batches are
+    drawn at once there; on a CPU one at a time, as larger calls ran slower per scene
+    (1,024 scenes: 2.9 s at once, 2.1 s in 16 calls).
     """
     chunk = cfg.render_batches or (16 if device.type == "cuda" else 1)
     it = first_iteration
