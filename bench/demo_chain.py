@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from demo.artifacts import SEGMENTER_PATH, load_weights  # noqa: E402
 from demo.examples import EDITS, load_eval_requests  # noqa: E402
-from demo.scenes import TOP_COLOURS  # noqa: E402
+from demo.scenes import TOP_COLOUR_NAMES, nearest_top_colour  # noqa: E402
 from demo_eval import (  # noqa: E402
     CLASSES_OF, STAT_SEEDS, HeldOut, add_candidate_arguments, figures_text, mean_spread, measure, param_overrides)
 from rewriting.delta import applied  # noqa: E402
@@ -45,20 +45,12 @@ from rewriting.metrics import edit_success  # noqa: E402
 from rewriting.statistics import compute_second_moment  # noqa: E402
 
 CHAIN_PARAMS = {"method": "closed_form", "halo": True, "rank": "full", "loss": "mse"}
-COLOUR_NAMES = ("gold", "teal", "slate", "red", "blue")  # demo.scenes.TOP_COLOURS, in order
-
-
-def top_colours(held, source):
-    """Each held-out image's source-class pixels, by their mean colour's nearest palette entry."""
-    mask = (held.labels == source)[:, None]
-    rgb = ((held.images + 1) / 2 * mask).sum((2, 3)) / mask.sum((2, 3))
-    return torch.cdist(rgb, TOP_COLOURS.to(rgb.device)).argmin(1)
 
 
 def success_by_colour(held, colours, labels, source, target):
     """{colour: edit success over the source pixels of the images whose tops have that colour}."""
     return {name: edit_success(held.labels[colours == k], labels[colours == k], source, target)[0]
-            for k, name in enumerate(COLOUR_NAMES) if (colours == k).any()}
+            for k, name in enumerate(TOP_COLOUR_NAMES) if (colours == k).any()}
 
 
 def main():
@@ -83,10 +75,10 @@ def main():
     print(f"{args.edit}: chain {' -> '.join(layers)}, {len(held.seeds)} held-out images, device {args.device}, "
           f"params {params}", flush=True)
     source, target, _ = CLASSES_OF[args.edit]
-    colours = top_colours(held, source) if target is not None else None
+    colours = nearest_top_colour(held.images, held.labels == source) if target is not None else None
     if colours is not None:
         print("held-out tops by colour: " + ", ".join(
-            f"{name} {int((colours == k).sum())}" for k, name in enumerate(COLOUR_NAMES)), flush=True)
+            f"{name} {int((colours == k).sum())}" for k, name in enumerate(TOP_COLOUR_NAMES)), flush=True)
     by_colour = []
     rows = {i: [] for i in range(len(layers))}
     scaled = {f: [] for f in strengths}

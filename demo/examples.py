@@ -2,6 +2,7 @@
 
     python -m demo.examples [--pairs 5]     # rewrites demo/requests/*.json
     python -m demo.examples --model CANDIDATE.safetensors --out DIR   # a candidate generator's own requests
+    python -m demo.examples --across-colours --out DIR   # top pairs spread over colour families
 
 Four edits, each as request files in the native format (docs/requests.md), with
 normalized boxes:
@@ -26,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from demo.artifacts import GENERATOR_PATH, REQUESTS_DIR, SEGMENTER_PATH, load_weights
-from demo.scenes import BUILDING, DOME, GROUND, SKY, SPIRE, TREE
+from demo.scenes import BUILDING, DOME, GROUND, SKY, SPIRE, TREE, nearest_top_colour
 from rewriting.render import generate
 
 REQUEST_SEEDS = range(0, 400)
@@ -91,12 +92,19 @@ def free_spot(labels_one, height, width):
     return None if best is None else best[1]
 
 
-def find_examples(generator, segmenter, seeds=REQUEST_SEEDS, min_area=40):
-    """Per seed: its largest dome, spire and tree (area, box) and labels, from the segmenter."""
+def label_generated(generator, segmenter, seeds=REQUEST_SEEDS):
+    """(images [N,3,H,W], label maps [N,H,W]) of ``seeds``: the generator's images, the segmenter's labels."""
     images = generate(generator, seeds, batch_size=50)
-    size = images.shape[-1]
     with torch.no_grad():
         labels = torch.cat([segmenter(images[i:i + 50]).argmax(1) for i in range(0, len(images), 50)])
+    return images, labels
+
+
+def find_examples(images, labels, seeds=REQUEST_SEEDS, min_area=40):
+    """Per seed: its largest dome, spire and tree (area, box), its tops' colour families and
+    its label map, from images [N,3,H,W] and their label maps [N,H,W] (one per seed)."""
+    seeds = list(seeds)
+    size = images.shape[-1]
     found = {}
     for cls, name, area in ((DOME, "dome", min_area), (SPIRE, "spire", min_area), (TREE, "tree", min_area // 2)):
         ids = components(labels == cls)
@@ -106,6 +114,16 @@ def find_examples(generator, segmenter, seeds=REQUEST_SEEDS, min_area=40):
             # One object, not two neighbours grown together: at most 3/8 of the image wide.
             if obj is not None and obj[0] >= area and obj[1][3] - obj[1][1] < size * 3 // 8:
                 found[name][s] = obj
+    # Each top's colour family: generated tops of one colour are edited alike and others
+    # hardly at all (docs/demo.md), so requests can draw their pairs across families.
+    found["colour"] = {}
+    for name, cls in (("dome", DOME), ("spire", SPIRE)):
+        chosen = [seeds.index(s) for s in found[name]]
+        mask = torch.zeros(len(chosen), size, size, dtype=torch.bool)
+        for j, (y0, x0, y1, x1) in enumerate(box for _, box in found[name].values()):
+            mask[j, y0:y1 + 1, x0:x1 + 1] = True
+        family = nearest_top_colour(images[chosen], mask & (labels[chosen] == cls))
+        found["colour"][name] = dict(zip(found[name], family.tolist()))
     found["labels"] = dict(zip(seeds, labels))
     return found
 
@@ -119,15 +137,32 @@ def _take(pool, used, count):
     return out
 
 
-def build_requests(found, pairs=5, size=64):
-    """{edit: [request dict, ...]} with ``pairs`` requests per edit."""
-    by_area = {k: sorted(v, key=lambda s: (-v[s][0], s)) for k, v in found.items() if k != "labels"}
+def colour_pools(found, name, by_area, min_count):
+    """``name``'s seeds split by their top's colour family, biggest object first in each,
+    the commonest family first; only families with at least ``min_count`` seeds."""
+    pools = {}
+    for s in by_area[name]:
+        pools.setdefault(found["colour"][name][s], []).append(s)
+    return [pool for pool in sorted(pools.values(), key=len, reverse=True) if len(pool) >= min_count]
+
+
+def build_requests(found, pairs=5, size=64, across_colours=False):
+    """{edit: [request dict, ...]} with ``pairs`` requests per edit.
+
+    By default each pair takes the biggest unused objects, which in a mode-collapsed
+    generator are all of one colour combination. ``across_colours`` makes pair i of
+    dome_to_spire and spire_to_dome copy a top of the i-th commonest colour family and
+    paste it over one of the i-th commonest family of the other shape (context: two more
+    tops of the paste's family), so the pairs' spread covers the generator's colours."""
+    by_area = {k: sorted(v, key=lambda s: (-v[s][0], s)) for k, v in found.items() if k not in ("labels", "colour")}
     out = {edit: [] for edit in EDITS}
     for src, dst, edit in (("dome", "spire", "dome_to_spire"), ("spire", "dome", "spire_to_dome")):
         used = set()
-        for _ in range(pairs):
-            (copy_seed,) = _take(by_area[dst], used, 1)
-            paste_seed, *others = _take(by_area[src], used, 3)
+        copy_pools = colour_pools(found, dst, by_area, 1) if across_colours else [by_area[dst]]
+        paste_pools = colour_pools(found, src, by_area, 3) if across_colours else [by_area[src]]
+        for i in range(pairs):
+            (copy_seed,) = _take(copy_pools[i % len(copy_pools)], used, 1)
+            paste_seed, *others = _take(paste_pools[i % len(paste_pools)], used, 3)
             _, (cy0, cx0, cy1, cx1) = found[dst][copy_seed]
             _, (py0, px0, py1, px1) = found[src][paste_seed]
             h, w = cy1 - cy0 + 1, cx1 - cx0 + 1
@@ -192,10 +227,12 @@ def main(argv=None):
     parser.add_argument("--pairs", type=int, default=5)
     parser.add_argument("--model", default=str(GENERATOR_PATH), help="the generator to find examples in")
     parser.add_argument("--out", default=str(REQUESTS_DIR), help="the request folder to write")
+    parser.add_argument("--across-colours", action="store_true",
+                        help="draw the dome and spire pairs across the tops' colour families")
     args = parser.parse_args(argv)
-    found = find_examples(load_weights(args.model), load_weights(SEGMENTER_PATH))
-    print({k: len(v) for k, v in found.items()})
-    write_requests(build_requests(found, args.pairs), args.out)
+    found = find_examples(*label_generated(load_weights(args.model), load_weights(SEGMENTER_PATH)))
+    print({k: len(v) for k, v in found.items() if k != "colour"})
+    write_requests(build_requests(found, args.pairs, across_colours=args.across_colours), args.out)
 
 
 if __name__ == "__main__":

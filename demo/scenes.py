@@ -34,6 +34,7 @@ BUILDING_COLOURS = torch.tensor([
 TOP_COLOURS = torch.tensor([  # shared by domes and spires
     [0.88, 0.70, 0.18], [0.30, 0.62, 0.55], [0.28, 0.30, 0.42], [0.72, 0.18, 0.18], [0.22, 0.32, 0.72],
 ])
+TOP_COLOUR_NAMES = ("gold", "teal", "slate", "red", "blue")
 GROUND_COLOURS = torch.tensor([
     [0.55, 0.45, 0.30], [0.46, 0.41, 0.32], [0.62, 0.56, 0.42], [0.42, 0.36, 0.26], [0.52, 0.50, 0.38],
 ])
@@ -223,3 +224,11 @@ def label_colours() -> torch.Tensor:
         [0.55, 0.75, 1.00], [0.55, 0.40, 0.25], [0.70, 0.70, 0.70], [1.00, 0.80, 0.10], [0.85, 0.10, 0.85],
         [0.10, 0.70, 0.10],
     ])
+
+
+def nearest_top_colour(images, mask) -> torch.Tensor:
+    """[N] index into TOP_COLOURS of the mean colour of each image's ``mask`` pixels
+    (images [N,3,H,W] in [-1,1], mask [N,H,W] bool): a generated top's colour family."""
+    mask = mask[:, None]
+    rgb = ((images + 1) / 2 * mask).sum((2, 3)) / mask.sum((2, 3)).clamp_min(1)
+    return torch.cdist(rgb, TOP_COLOURS.to(rgb.device)).argmin(1)
