@@ -103,7 +103,6 @@ def label_generated(generator, segmenter, seeds=REQUEST_SEEDS):
 def find_examples(images, labels, seeds=REQUEST_SEEDS, min_area=40):
     """Per seed: its largest dome, spire and tree (area, box), its tops' colour families and
     its label map, from images [N,3,H,W] and their label maps [N,H,W] (one per seed)."""
-    seeds = list(seeds)
     size = images.shape[-1]
     found = {}
     for cls, name, area in ((DOME, "dome", min_area), (SPIRE, "spire", min_area), (TREE, "tree", min_area // 2)):
@@ -116,9 +115,10 @@ def find_examples(images, labels, seeds=REQUEST_SEEDS, min_area=40):
                 found[name][s] = obj
     # Each top's colour family: generated tops of one colour are edited alike and others
     # hardly at all (docs/demo.md), so requests can draw their pairs across families.
+    row = {s: j for j, s in enumerate(seeds)}
     found["colour"] = {}
     for name, cls in (("dome", DOME), ("spire", SPIRE)):
-        chosen = [seeds.index(s) for s in found[name]]
+        chosen = [row[s] for s in found[name]]
         mask = torch.zeros(len(chosen), size, size, dtype=torch.bool)
         for j, (y0, x0, y1, x1) in enumerate(box for _, box in found[name].values()):
             mask[j, y0:y1 + 1, x0:x1 + 1] = True
@@ -154,7 +154,7 @@ def build_requests(found, pairs=5, size=64, across_colours=False):
     dome_to_spire and spire_to_dome copy a top of the i-th commonest colour family and
     paste it over one of the i-th commonest family of the other shape (context: two more
     tops of the paste's family), so the pairs' spread covers the generator's colours."""
-    by_area = {k: sorted(v, key=lambda s: (-v[s][0], s)) for k, v in found.items() if k not in ("labels", "colour")}
+    by_area = {k: sorted(found[k], key=lambda s: (-found[k][s][0], s)) for k in ("dome", "spire", "tree")}
     out = {edit: [] for edit in EDITS}
     for src, dst, edit in (("dome", "spire", "dome_to_spire"), ("spire", "dome", "spire_to_dome")):
         used = set()

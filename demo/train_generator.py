@@ -51,6 +51,11 @@ class TrainConfig:
     log_every: int = 200
     seed: int = 0
 
+    def __post_init__(self):
+        # scene_batches would loop forever drawing no scenes.
+        if self.render_batches < 0:
+            raise ValueError(f"render_batches must be at least 0 (0: by device), got {self.render_batches}")
+
     def generator_config(self):
         return {"z_dim": self.z_dim, "resolution": self.resolution, "channels": list(self.channels)}
 

@@ -1,6 +1,8 @@
 """The training scripts run end to end on the CPU (tiny configurations) and resume."""
 import json
+from dataclasses import replace
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -82,3 +84,8 @@ def test_scenes_rendered_several_batches_a_call_train_the_same(tmp_path):
     a, b = load_file(str(one / "generator.safetensors")), load_file(str(four / "generator.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((four / "generator.json").read_text())["train_config"]["render_batches"] == 4
+
+
+def test_a_negative_render_batches_is_refused_not_looped_on():
+    with pytest.raises(ValueError, match="render_batches"):
+        replace(train_generator.CONFIGS["tiny"], render_batches=-1)
