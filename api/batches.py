@@ -36,7 +36,7 @@ from api.errors import (
     ValidationError,
 )
 from api import pagination
-from api.inputs import known_only
+from api.inputs import bounded_int, known_only
 from api.jobs import MAX_WEBHOOK_URL, artifact_url, validate_job, validate_webhook
 from api.multipart import MultipartReader
 from api.pagination import PAGE_ARGS, page
@@ -135,14 +135,12 @@ def batch_options(options: dict) -> dict:
     merge = options.get("merge", "false").lower()
     if merge not in ("true", "false", "1", "0"):
         raise ValidationError(f"must be true or false, not {options['merge']!r}", field="merge")
-    priority = options.get("priority", str(DEFAULT_BATCH_PRIORITY))
-    if not (priority.isascii() and priority.isdigit()) or not 0 <= int(priority) <= MAX_PRIORITY:
-        raise ValidationError(f"must be an integer in [0, {MAX_PRIORITY}] (higher runs sooner; single jobs default "
-                              f"to {DEFAULT_PRIORITY}), not {priority!r}", field="priority")
+    priority = bounded_int(options.get("priority", str(DEFAULT_BATCH_PRIORITY)), 0, MAX_PRIORITY, "priority",
+                           f" (higher runs sooner; single jobs default to {DEFAULT_PRIORITY})")
     webhook = options.get("webhook")
     if webhook is not None:
         validate_webhook(webhook)
-    return dict(merge=merge in ("true", "1"), priority=int(priority), webhook_url=webhook)
+    return dict(merge=merge in ("true", "1"), priority=priority, webhook_url=webhook)
 
 
 def split_lines(data: bytes, max_lines: int, source: str) -> list[tuple[int, str]]:

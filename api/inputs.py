@@ -4,6 +4,8 @@
   one would fail inside a query (a 500) instead of being refused. A path with one
   answers 404 (no resource has such an id); a query parameter or a string of a JSON
   body a view reads answers 422 naming the field.
+- Lone surrogates (JSON allows ``"\\ud800"``): no database or hash can encode them as
+  UTF-8, so a string or key with one answers 422 naming the field, as a NUL does.
 - JSON nested deeper than ``MAX_JSON_DEPTH``: no field of the API nests that far, and
   deep enough nesting crashes the parser (RecursionError), so it answers 400.
 """
@@ -15,21 +17,34 @@ from api.errors import BadRequest, NotFound, ValidationError
 MAX_JSON_DEPTH = 32
 
 
+def text_problem(text: str) -> str | None:
+    """Why ``text`` cannot be stored (a NUL, a lone surrogate), else None."""
+    if "\x00" in text:
+        return "must not contain NUL characters"
+    if not text.isascii():
+        try:
+            text.encode()
+        except UnicodeEncodeError:
+            return "must be valid Unicode (a lone surrogate such as \\ud800 cannot be stored)"
+    return None
+
+
 def json_problem(body) -> tuple[str, str] | None:
-    """(field, reason) for the first string with a NUL or a level nested too deep, else None."""
+    """(field, reason) for the first string that cannot be stored or a level nested too
+    deep, else None."""
     stack = [(body, "", 1)]
     while stack:
         value, field, depth = stack.pop()
         if isinstance(value, str):
-            if "\x00" in value:
-                return field, "must not contain NUL characters"
+            if (reason := text_problem(value)) is not None:
+                return field, reason
         elif isinstance(value, (dict, list)):
             if depth > MAX_JSON_DEPTH:
                 return field, f"nests deeper than {MAX_JSON_DEPTH} levels"
             items = value.items() if isinstance(value, dict) else ((f"[{i}]", v) for i, v in enumerate(value))
             for key, item in items:
-                if "\x00" in key:
-                    return field or key, "has a key with a NUL character"
+                if (reason := text_problem(key)) is not None:
+                    return field or key, f"has a key that {reason}"
                 path = key if not field else f"{field}{key}" if key.startswith("[") else f"{field}.{key}"
                 stack.append((item, path, depth + 1))
     return None
@@ -41,6 +56,16 @@ def known_only(names, allowed, what: str = "query parameter") -> None:
     for name in names:
         if name not in allowed:
             raise ValidationError(f"unknown {what}; expected {', '.join(allowed)}", field=name)
+
+
+def bounded_int(value: str, low: int, high: int, field: str, hint: str = "") -> int:
+    """An integer query or form option in [low, high]; 422 naming ``field`` otherwise.
+    The length is checked before ``int()``, which refuses strings over 4,300 digits."""
+    digits = value.lstrip("0") or "0"
+    if (not (value.isascii() and value.isdigit())  # "²".isdigit()
+            or len(digits) > len(str(high)) or not low <= int(digits) <= high):
+        raise ValidationError(f"must be an integer in [{low}, {high}]{hint}, not {value[:40]!r}", field=field)
+    return int(digits)
 
 
 def json_body() -> dict:

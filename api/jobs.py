@@ -28,7 +28,7 @@ from api.errors import (
     ValidationError,
 )
 from api import pagination
-from api.inputs import json_body, json_problem, known_only
+from api.inputs import bounded_int, json_body, json_problem, known_only
 from api.models import ReadyModel, ready_model
 from api.openapi import SECURED, error_responses
 from api.pagination import PAGE_ARGS, page
@@ -224,8 +224,10 @@ def submit_job():
     try:
         send_task(RUN_JOB, job.id, priority=job.priority)
     except ApiError:
-        # The job can never run without its message: fail it so that nobody waits on it.
+        # The job can never run without its message: fail it so that nobody waits on it,
+        # and free its Idempotency-Key, so that a retry the 503 invites queues the edit.
         lifecycle.fail_unclaimed(session, job, "queue_unavailable", "the job could not be queued")
+        job.idempotency_key = None
         session.commit()
         raise
     return job_json(job, []), 202, {"Location": f"/v1/jobs/{job.id}"}  # a new job has no artifacts: no SELECT
@@ -277,11 +279,9 @@ def job_events(job_id):
     """Every transition and progress milestone, by ``seq``; ``after`` skips those already seen."""
     job = get_job(job_id)
     known_only(request.args, ("after",))
-    after = request.args.get("after", "0")
-    if not (after.isascii() and after.isdigit()) or int(after) > MAX_SEQ:  # "²".isdigit()
-        raise ValidationError(f"must be an integer in [0, {MAX_SEQ}] (the last seq seen)", field="after")
+    after = bounded_int(request.args.get("after", "0"), 0, MAX_SEQ, "after", " (the last seq seen)")
     events = get_session().scalars(
-        select(JobEvent).where(JobEvent.job_id == job.id, JobEvent.seq > int(after)).order_by(JobEvent.seq))
+        select(JobEvent).where(JobEvent.job_id == job.id, JobEvent.seq > after).order_by(JobEvent.seq))
     return {"events": [{
         "seq": e.seq, "kind": e.kind, "status": e.status, "phase": e.phase, "step": e.step, "total": e.total,
         "loss": e.loss, "message": e.message, "created_at": iso_time(e.created_at),
@@ -301,7 +301,7 @@ def download_artifact(job_id, name):
     if url is not None:
         return redirect(url, 302)
     etag = f'"{artifact.sha256}"'
-    if artifact.sha256 in request.if_none_match:
+    if request.if_none_match.contains_weak(artifact.sha256):  # If-None-Match compares weakly (RFC 9110)
         return Response(status=304, headers={"ETag": etag})
     try:
         stream = store.open(artifact.object_key)

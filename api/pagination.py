@@ -4,11 +4,12 @@
 import base64
 import binascii
 import json
-from datetime import datetime
+from datetime import datetime, timezone
 
 from sqlalchemy import and_, or_
 
 from api.errors import ValidationError
+from api.inputs import bounded_int, text_problem
 from storage.db import get_session
 
 DEFAULT_LIMIT, MAX_LIMIT = 20, 100
@@ -29,10 +30,11 @@ def encode_cursor(row) -> str:
 def decode_cursor(cursor: str) -> tuple[datetime, str]:
     try:
         created_at, row_id = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        when = datetime.fromisoformat(created_at)
-        if when.tzinfo is None or not isinstance(row_id, str) or "\x00" in row_id:
+        # in UTC, so that a date at the edge of the calendar fails here, not in the query
+        when = datetime.fromisoformat(created_at).astimezone(timezone.utc)
+        if not isinstance(row_id, str) or text_problem(row_id) is not None:
             raise ValueError(cursor)
-    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
+    except (ValueError, TypeError, OverflowError, binascii.Error, UnicodeDecodeError):
         raise ValidationError("is not a cursor this API returned (next_cursor)", field="cursor") from None
     return when, row_id
 
@@ -40,10 +42,7 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
 def page(query, entity, args) -> tuple[list, str | None]:
     """One page of ``query`` (a select of ``entity``) after ``args['cursor']``, at most
     ``args['limit']`` rows; and the cursor of the next page, or None on the last."""
-    limit = args.get("limit", str(DEFAULT_LIMIT))
-    if not (limit.isascii() and limit.isdigit()) or not 1 <= int(limit) <= MAX_LIMIT:  # "²".isdigit()
-        raise ValidationError(f"must be an integer in [1, {MAX_LIMIT}]", field="limit")
-    limit = int(limit)
+    limit = bounded_int(args.get("limit", str(DEFAULT_LIMIT)), 1, MAX_LIMIT, "limit")
     if (cursor := args.get("cursor")) is not None:
         when, row_id = decode_cursor(cursor)
         query = query.where(or_(entity.created_at < when, and_(entity.created_at == when, entity.id < row_id)))

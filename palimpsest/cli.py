@@ -21,6 +21,7 @@ import ctypes
 import functools
 import importlib
 import json
+import shlex
 import signal
 import subprocess
 import sys
@@ -91,7 +92,8 @@ def serve(host, port, http_workers, with_worker):
     if with_worker:
         commands.append([sys.executable, "-m", "palimpsest", "worker", "--beat"])
     shown = f"[{host}]" if ":" in host else host
-    click.echo(f"Palimpsest API on http://{shown}:{port}/v1 (reference: http://{shown}:{port}/docs)", err=True)
+    click.echo(f"Palimpsest API on http://{shown}:{port} (routes under /v1; reference: http://{shown}:{port}/docs)",
+               err=True)
     sys.exit(run_together(commands))
 
 
@@ -307,19 +309,21 @@ def api_command(group, name):
     return decorate
 
 
-def echo_pages(fetch, key, cursor, all_pages, as_json, format_rows, command):
-    """Print a list route's page from ``cursor`` (or every page), as JSON or a table; the
-    command for the next page goes to stderr."""
+def echo_pages(fetch, filters, key, cursor, all_pages, as_json, format_rows, command):
+    """Print a list route's page from ``cursor`` (or every page) of ``fetch(**filters,
+    cursor=...)``, as JSON or a table; the command for the next page (the same filters)
+    goes to stderr."""
     found = []
     while True:
-        page = fetch(cursor)
+        page = fetch(**filters, cursor=cursor)
         found += page[key]
         cursor = page["next_cursor"]
         if not all_pages or cursor is None:
             break
     click.echo(json.dumps({key: found, "next_cursor": cursor}, indent=2) if as_json else format_rows(found))
     if cursor is not None and not as_json:
-        click.echo(f"more: {command} --cursor {cursor}", err=True)
+        options = "".join(f" --{name} {shlex.quote(str(value))}" for name, value in filters.items() if value is not None)
+        click.echo(f"more: {command}{options} --cursor {cursor}", err=True)
 
 
 def json_object(value, what):
@@ -397,7 +401,7 @@ def jobs(client, status, model, batch, limit, cursor, all_pages, as_json):
     """List your jobs, newest first."""
     from palimpsest.client import format_jobs
 
-    echo_pages(lambda cursor: client.jobs(status=status, model=model, batch=batch, limit=limit, cursor=cursor),
+    echo_pages(client.jobs, dict(status=status, model=model, batch=batch, limit=limit),
                "jobs", cursor, all_pages, as_json, format_jobs, "palimpsest jobs")
 
 
@@ -522,7 +526,7 @@ def list_batches(client, status, limit, cursor, all_pages, as_json):
     """List your batches, newest first."""
     from palimpsest.client import format_batches
 
-    echo_pages(lambda cursor: client.batches(status=status, limit=limit, cursor=cursor),
+    echo_pages(client.batches, dict(status=status, limit=limit),
                "batches", cursor, all_pages, as_json, format_batches, "palimpsest batch list")
 
 

@@ -47,7 +47,7 @@ class ApiError(ClientError):
 
 class Client:
     def __init__(self, url: str = DEFAULT_URL, key: str | None = None, timeout: float = 30.0):
-        self.url = url.rstrip("/")
+        self.url = url.rstrip("/").removesuffix("/v1")  # every path names /v1 itself
         self.timeout = timeout
         self.session = requests.Session()
         if key:
@@ -203,12 +203,21 @@ class Client:
 
     def upload_model(self, path: str | os.PathLike, **fields) -> dict:
         """Upload a checkpoint, streamed from disk (never read whole into memory)."""
-        body = MultipartFile(path, {k: v for k, v in fields.items() if v is not None})
+        fields = {k: v for k, v in fields.items() if v is not None}
+        if quoted_filename(Path(path).name) != Path(path).name:
+            fields.setdefault("name", Path(path).name)  # the server would take the escaped name
+        body = MultipartFile(path, fields)
         return self.request("POST", "/v1/models", data=body,
                             headers={"Content-Type": body.content_type}).json()
 
 
 EXTENSIONS = {"delta": ".safetensors", "checkpoint": ".safetensors", "preview": ".png", "metrics": ".json"}
+
+
+def quoted_filename(name: str) -> str:
+    """``name`` as a quoted multipart ``filename``: a quote or line break would end the
+    header early, so they are percent-escaped as browsers do (WHATWG)."""
+    return name.replace('"', "%22").replace("\r", "%0D").replace("\n", "%0A")
 
 
 class MultipartFile:
@@ -221,7 +230,8 @@ class MultipartFile:
         self.content_type = f"multipart/form-data; boundary={boundary}"
         head = b"".join(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
                         for name, value in fields.items())
-        head += (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{self.path.name}"\r\n'
+        head += (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; '
+                 f'filename="{quoted_filename(self.path.name)}"\r\n'
                  f"Content-Type: application/octet-stream\r\n\r\n").encode()
         self._head, self._tail = head, f"\r\n--{boundary}--\r\n".encode()
         self._length = len(head) + self.path.stat().st_size + len(self._tail)

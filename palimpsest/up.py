@@ -103,7 +103,7 @@ def up(settings, host: str, port: int, params: dict) -> int:
     try:
         client = Client(url, key)
         wait_ready(client, server)
-        click.echo(f"Palimpsest is up at {url}/v1 (docs: {url}/docs); API key for tenant "
+        click.echo(f"Palimpsest is up at {url} (routes under /v1; docs: {url}/docs); API key for tenant "
                    f"'{DEMO_TENANT}' in {Path(settings.data_dir) / (DEMO_TENANT + '.key')}; logs in {log_path}")
         job = demo_edit(client, model_id, Path(settings.data_dir) / "demo", params)
         metrics = job.get("metrics") or {}

@@ -144,11 +144,34 @@ def test_jobs_pages(cli, app, alice, demo):
     first = cli("jobs", "--limit", "2")
     assert first.exit_code == 0, first.output
     assert len(first.stdout.splitlines()) == 3  # header + 2
-    assert "more: palimpsest jobs --cursor " in first.stderr
+    assert "more: palimpsest jobs --limit 2 --cursor " in first.stderr
     everything = cli("jobs", "--limit", "2", "--all")
     assert {line.split()[0] for line in everything.stdout.splitlines()[1:]} == set(ids)
     assert "more:" not in everything.stderr
     assert cli("jobs", "--status", "running").stdout.strip() == "no jobs"
+
+
+def test_next_page_command_keeps_the_filters(cli, app, alice, demo):
+    failed = {add_job(app, alice.id, demo, "failed") for _ in range(3)}
+    for _ in range(3):
+        add_job(app, alice.id, demo)
+    first = cli("jobs", "--status", "failed", "--limit", "2")
+    more = first.stderr.strip().removeprefix("more: palimpsest ").split()
+    assert more[:-1] == ["jobs", "--status", "failed", "--limit", "2", "--cursor"]
+    rest = cli(*more)
+    assert rest.exit_code == 0, rest.output
+    shown = {line.split()[0] for line in (first.stdout + rest.stdout).splitlines() if line.startswith("job_")}
+    assert shown == failed and "more:" not in rest.stderr
+
+
+def test_upload_of_a_file_named_with_a_quote_keeps_its_name(cli, app, tmp_path):
+    path = tmp_path / 'my"model.safetensors'
+    path.write_bytes(safetensors_bytes(metadata={"architecture": "demo-gan"}))
+    result = cli("models", "upload", str(path))
+    assert result.exit_code == 0, result.output
+    model_id = result.stdout.split()[0]
+    listed = json.loads(cli("models", "list", "--json").stdout)
+    assert [m["name"] for m in listed if m["id"] == model_id] == [path.name]
 
 
 def test_show_and_cancel(cli, app, alice, demo):
@@ -268,3 +291,10 @@ def test_format_jobs():
                                 "03:04:05"]
     assert lines[2].split() == ["job_1", "queued", "mdl_1", "layer3", "2026-01-02", "03:04:05"]
     assert format_jobs([]) == "no jobs"
+
+
+def test_api_url_may_name_the_v1_prefix(cli, api_url, demo):
+    # the form `palimpsest serve` used to print, and an easy one to paste
+    result = cli("models", "list", "--json", url=api_url + "/v1/")
+    assert result.exit_code == 0, result.output
+    assert [m["id"] for m in json.loads(result.stdout)] == [demo]

@@ -136,6 +136,7 @@ def test_another_tenants_model_is_unknown(app, client, bob, model):
 
 @pytest.mark.parametrize("query, field", [
     ("?priority=10", "priority"), ("?priority=high", "priority"), ("?priority=%C2%B2", "priority"),
+    ("?priority=" + "9" * 5000, "priority"),
     ("?merge=maybe", "merge"),
     ("?webhook=https://evil.example.org/x", "webhook"), ("?webhook=ftp://hooks.example.com/x", "webhook"),
     ("?colour=red", "colour"),

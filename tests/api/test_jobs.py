@@ -381,7 +381,11 @@ def test_filters(app, client, alice, model):
 
 @pytest.mark.parametrize("query, field", [
     ("limit=0", "limit"), ("limit=101", "limit"), ("limit=ten", "limit"), ("limit=-1", "limit"),
+    ("limit=" + "9" * 5000, "limit"),  # past int()'s 4,300 digits
     ("cursor=garbage", "cursor"), ("cursor=" + base64.urlsafe_b64encode(b'["2020-01-01", 3]').decode(), "cursor"),
+    # out of range once in UTC; a lone surrogate no database can compare
+    ("cursor=" + base64.urlsafe_b64encode(b'["0001-01-01T00:00:00+14:00", "x"]').decode(), "cursor"),
+    ("cursor=" + base64.urlsafe_b64encode(b'["2020-01-01T00:00:00+00:00", "\\ud800"]').decode(), "cursor"),
     ("status=done", "status"), ("colour=red", "colour"),
 ])
 def test_bad_list_queries_are_422(client, alice, query, field):
@@ -411,6 +415,17 @@ def test_unqueueable_job_fails_and_answers_503(config, tmp_path):
     with sessions(app) as session:
         job = session.scalars(select(Job)).one()
         assert job.status == "failed" and job.error_code == "queue_unavailable"
+
+    # the retry the 503 invites, under the same Idempotency-Key, is a new submission (not a
+    # replay of the failed job): it is queued once the broker is back
+    headers = {"Authorization": f"Bearer {key}", "Idempotency-Key": "k1"}
+    body = {"model": model, "layer": "layer3", "request": EDIT}
+    assert app.test_client().post("/v1/jobs", json=body, headers=headers).status_code == 503
+    up = create_app({**config})
+    retried = up.test_client().post("/v1/jobs", json=body, headers=headers)
+    assert retried.status_code == 202 and "Idempotent-Replayed" not in retried.headers
+    with sessions(up) as session:
+        assert {j.status for j in session.scalars(select(Job))} == {"failed", "queued"}
 
 
 def test_body_over_16_mib_is_413(client, alice, model):

@@ -352,6 +352,7 @@ DEEP = "[" * 100_000 + "]" * 100_000
     ("GET", "/v1/jobs?limit=%C2%B2", None, 422, "limit"),  # "²".isdigit() is True; int("²") fails
     ("GET", "/v1/jobs/@job/events?after=%C2%B2", None, 422, "after"),
     ("GET", "/v1/jobs/@job/events?after=99999999999999999999", None, 422, "after"),  # past int32
+    ("GET", "/v1/jobs/@job/events?after=" + "9" * 5000, None, 422, "after"),  # past int()'s 4,300 digits
     ("GET", "/v1/jobs/@job/events?colour=red", None, 422, "colour"),
     ("GET", "/v1/jobs?cursor=" + base64.urlsafe_b64encode(b'["2020-01-01T00:00:00+00:00", "a\\u0000"]').decode(),
      None, 422, "cursor"),
@@ -361,6 +362,10 @@ DEEP = "[" * 100_000 + "]" * 100_000
     ("POST", "/v1/jobs", {"model": "@model", "layer": "layer4", "request": EDIT_BOX,
                           "params": {"source_class": "dome\x00"}}, 422, "params.source_class"),
     ("POST", "/v1/jobs", DEEP, 400, None),
+    # JSON can spell a lone surrogate, which no UTF-8 column or hash can encode
+    ("POST", "/v1/jobs", '{"model": "@model", "request": {"note": "\\udc00"}}', 422, "request.note"),
+    ("POST", "/v1/jobs", '{"model": "@model", "request": {"\\ud800": 1}}', 422, "request"),
+    ("POST", "/v1/statistics", '{"model": "\\ud800", "layer": "layer4"}', 422, "model"),
     ("POST", "/v1/statistics", {"model": "mdl\x00x", "layer": "layer4"}, 422, "model"),
     ("POST", "/v1/models", {"object_key": "tenants/x/a\x00b"}, 422, "object_key"),
     ("POST", "/v1/models", {"object_key": "tenants/x/a", "config": json.loads("[" * 40 + "]" * 40)}, 400, None),
@@ -371,6 +376,8 @@ def test_input_postgresql_cannot_hold_is_refused(demo, method, path, body, statu
     path = path.replace("@job", job)
     if isinstance(body, dict):
         body = json.loads(json.dumps(body).replace("@model", model_id))
+    elif isinstance(body, str):
+        body = body.replace("@model", model_id)
     response = app.test_client().open(path, method=method, headers=tenant.headers,
                                       **({} if body is None else {"data": body if isinstance(body, str)
                                                                    else json.dumps(body),
