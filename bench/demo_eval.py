@@ -120,7 +120,7 @@ def paste_loss(model, targets, seed):
 
 def pasted_image(model, targets, seed):
     """The paste image rendered with the layer's output replaced by the pasted values."""
-    def replace_output(module, args, output):
+    def replace_output(output):
         if targets.value_bounds is None:
             return targets.values
         out = output.clone()
@@ -128,12 +128,8 @@ def pasted_image(model, targets, seed):
         out[:, :, t:b, l:r] = targets.values
         return out
 
-    handle = get_module(model, targets.layer).register_forward_hook(replace_output)
-    try:
-        with torch.no_grad():
-            return model(sample_inputs(model, [seed]))
-    finally:
-        handle.remove()
+    with torch.no_grad(), Trace(model, targets.layer, edit_output=replace_output):
+        return model(sample_inputs(model, [seed]))
 
 
 def finetuned(generator, target_image, seed, steps, lr):

@@ -34,7 +34,7 @@ from demo.scenes import DOME, SPIRE  # noqa: E402
 from demo_eval import STAT_SEEDS, HeldOut, add_candidate_arguments, param_overrides, pasted_image  # noqa: E402
 from rewriting.delta import applied  # noqa: E402
 from rewriting.edit import run_edit  # noqa: E402
-from rewriting.layers import Trace, get_module, sample_inputs  # noqa: E402
+from rewriting.layers import Trace, sample_inputs  # noqa: E402
 from rewriting.metrics import edit_success, segment  # noqa: E402
 from rewriting.render import generate  # noqa: E402
 from rewriting.requests import mask_at, parse_request  # noqa: E402
@@ -72,18 +72,15 @@ def paste_bound(model, segmenter, layer, held, centres, cell_masks, clip, batch=
     for start in range(0, len(held.seeds), batch):
         part = slice(start, start + batch)
 
-        def write(module, args, output, part=part):
+        def write(output, part=part):
             out = output.clone()
             for j, at in enumerate(centres[part]):
                 pasted = paste_value(output[j:j + 1], clip, None, at)[0][0]
                 out[j] = pasted if cell_masks is None else torch.where(cell_masks[part][j], pasted, output[j])
             return out
 
-        handle = get_module(model, layer).register_forward_hook(write)
-        try:
+        with Trace(model, layer, edit_output=write):
             after.append(generate(model, held.seeds[part], batch))
-        finally:
-            handle.remove()
     labels, _ = segment(segmenter, torch.cat(after), batch_size=batch)
     return edit_success(held.labels, labels, DOME, SPIRE)[0]
 

@@ -11,6 +11,7 @@ import json
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import save as save_bytes
 from safetensors.torch import save_file
 
 from rewriting.errors import CheckpointError
@@ -31,10 +32,42 @@ def file_sha256(path):
     return h.hexdigest()
 
 
+def _sorted_json(header):
+    return json.dumps(json.loads(header), sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def safetensors_bytes(tensors, metadata=None):
+    """safetensors' encoding of ``tensors`` with str ``metadata``, the same bytes for the
+    same content: safetensors writes metadata keys in hash order, so the header is
+    written again with its keys sorted, and a file's sha256 names what it holds."""
+    data = save_bytes(tensors, metadata=metadata)
+    n = int.from_bytes(data[:8], "little")
+    header = _sorted_json(data[8:8 + n])
+    header += b" " * (-len(header) % 8)  # the tensor data stays 8-byte aligned
+    return len(header).to_bytes(8, "little") + header + memoryview(data)[8 + n:]
+
+
+def write_safetensors(tensors, path, metadata=None):
+    """``safetensors_bytes`` into a file, without holding the encoding in memory: the
+    header is sorted in place (the same keys in the same length)."""
+    save_file(tensors, str(path), metadata=metadata)
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = _sorted_json(f.read(n))
+        if len(header) > n:  # never seen: safetensors escaped the JSON differently from Python
+            data = safetensors_bytes(tensors, metadata)
+            f.seek(0)
+            f.write(data)
+            f.truncate(len(data))
+            return
+        f.seek(8)
+        f.write(header + b" " * (n - len(header)))
+
+
 def save_state(state, path, metadata=None):
     """Write a state dict (tensors are copied to contiguous CPU memory) with str metadata."""
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
-    save_file(tensors, str(path), metadata={k: str(v) for k, v in (metadata or {}).items()})
+    write_safetensors(tensors, path, metadata={k: str(v) for k, v in (metadata or {}).items()})
 
 
 def load_state(path, device="cpu"):

@@ -21,9 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 from safetensors.torch import load as load_bytes
-from safetensors.torch import save as save_bytes
 
-from rewriting.checkpoint import file_sha256, load_state, save_state
+from rewriting.checkpoint import file_sha256, load_state, safetensors_bytes, save_state
 from rewriting.errors import CheckpointError, IncompatibleError
 
 FORMAT = "palimpsest.delta/1"
@@ -72,13 +71,13 @@ class EditDelta:
                 "directions": self.directions.detach().cpu().contiguous()}
 
     def to_bytes(self):
-        return save_bytes(self._tensors(), metadata=self._metadata())
+        return safetensors_bytes(self._tensors(), metadata=self._metadata())
 
     @property
     def sha256(self):
         """Identity of the delta: sha256 of its sorted metadata and its tensors' dtype, shape and bytes.
 
-        (Not of the file: safetensors writes metadata keys in no fixed order.)
+        (Not of the file's bytes, so that it does not depend on their encoding.)
         """
         h = hashlib.sha256(json.dumps(self._metadata(), sort_keys=True).encode())
         for name, t in sorted(self._tensors().items()):

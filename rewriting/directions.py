@@ -26,6 +26,7 @@ from rewriting.errors import EditRequestError, IncompatibleError
 
 RIDGE = 1e-6
 KEY_METHODS = ("zca", "svd", "mean")
+DIRECTION_TOLERANCE = 1e-6  # singular values below this (relative to the largest) add no direction
 
 
 def moment_matrix(moment):
@@ -133,12 +134,14 @@ def directions_from_keys(keys, weights, moment, rank=1, method="zca", field="con
         q = d.T / d.norm()
     elif method == "svd":
         adjusted = covariance_adjusted_keys(c, w[:, None] * k)
-        _, _, vh = torch.linalg.svd(adjusted, full_matrices=False)
+        _, s, vh = torch.linalg.svd(adjusted, full_matrices=False)
+        _check_independent(s, rank, field)
         q = vh[:rank].T
     else:
         z = zca_matrix(c)
         whitened = (w[:, None] * k) @ z
-        _, _, vh = torch.linalg.svd(whitened, full_matrices=False)
+        _, s, vh = torch.linalg.svd(whitened, full_matrices=False)
+        _check_independent(s, rank, field)
         q, _ = torch.linalg.qr(z @ vh[:rank].T)  # back to row space, then orthonormal
     signs = torch.sign(q.T @ mean_key)
     signs[signs == 0] = 1
@@ -149,6 +152,16 @@ def context_directions(keys, masks, moment, rank=1, method="zca"):
     """Context directions from a layer's keys and the masks over them (see module doc)."""
     rows, w = masked_keys(keys, masks)
     return directions_from_keys(rows, w, moment, rank=rank, method=method)
+
+
+def _check_independent(singular_values, rank, field):
+    # Keys can repeat (after a nearest upsample, each 2x2 block holds one key): directions
+    # past the keys' own rank would be numerical noise, different on every run.
+    independent = int((singular_values > DIRECTION_TOLERANCE * singular_values[0]).sum())
+    if rank > independent:
+        raise EditRequestError("rank", f"rank {rank} exceeds the {independent} independent keys that the {field} "
+                               "selects at this layer (repeated keys count once); lower the rank or widen the "
+                               f"{field}")
 
 
 def _check_channels(c, k):

@@ -270,8 +270,13 @@ def closed_form(model, t, cases, q, moment=None):
     for args, kwargs, target, output_crop in cases:
         with torch.no_grad():
             base = crop(layer_forward(model, t, args, kwargs=kwargs), output_crop)
-            designs.append(_design_matrix(t, args, kwargs, q, output_crop))  # [positions, r * taps], float64
-        residuals.append((target.reshape(base.shape) - base).double().movedim(1, -1).reshape(-1, channels).cpu())
+            design = _design_matrix(t, args, kwargs, q, output_crop)  # [positions, r * taps], float64
+        # each case weighs as one (a merge minimizes the mean of its rules' mean losses),
+        # however many positions it has
+        scale = design.shape[0] ** -0.5
+        designs.append(design * scale)
+        residual = (target.reshape(base.shape) - base).double().movedim(1, -1).reshape(-1, channels).cpu()
+        residuals.append(residual * scale)
     design, residual = torch.cat(designs), torch.cat(residuals)
     rank, taps = q.shape[0], design.shape[1] // q.shape[0]
     # Least change in the C metric: with Q C Q^T = L L^T, each tap's coefficients are

@@ -194,13 +194,18 @@ class Trace:
     keys and ``tr.output`` its output (all detached). ``stop=True`` ends the forward
     pass once the target has run; ``stop="keys"`` ends it as soon as the keys are
     known (the cheapest pass for statistics). The ``with`` block swallows the stop.
+
+    ``edit_output=fn`` replaces the target's output by ``fn(output)`` for the rest of the
+    pass (``tr.output`` is then the replacement): the rendering part of the split, which
+    draws an image from values of one's choosing at the layer (a paste, say).
     """
 
-    def __init__(self, model, layer, stop=False):
+    def __init__(self, model, layer, stop=False, edit_output=None):
         if stop not in (False, True, "keys"):
             raise ValueError("stop must be False, True or 'keys'")
         self.target = target_weight(model, layer)
         self.stop = stop
+        self.edit_output = edit_output
         self.inputs = self.kwargs = self.keys = self.output = None
         module, weight_module = self.target.module, self.target.weight_module
         self.handles = [
@@ -220,9 +225,12 @@ class Trace:
             raise StopForward()
 
     def _record_output(self, module, args, output):
+        if self.edit_output is not None:
+            output = self.edit_output(output)
         self.output = output.detach() if torch.is_tensor(output) else output
         if self.stop is True:
             raise StopForward()
+        return output  # the forward pass goes on with it (unchanged without edit_output)
 
     def close(self):
         for h in reversed(self.handles):

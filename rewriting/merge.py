@@ -26,13 +26,12 @@ from dataclasses import dataclass, field
 import torch
 
 from rewriting.delta import EditDelta, expand
-from rewriting.directions import moment_matrix
+from rewriting.directions import DIRECTION_TOLERANCE, moment_matrix
 from rewriting.errors import EditRequestError, IncompatibleError
 from rewriting.insert import InsertConfig, _loss_fn, _optimize, closed_form
 from rewriting.layers import layer_forward, target_weight
 from rewriting.values import crop
 
-DIRECTION_TOLERANCE = 1e-6  # singular values below this (relative to the largest) add no direction
 
 
 @dataclass

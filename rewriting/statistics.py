@@ -13,8 +13,8 @@ from contextlib import closing
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
+from rewriting.checkpoint import write_safetensors
 from rewriting.errors import Cancelled, CheckpointError, IncompatibleError
 from rewriting.layers import StopForward, Trace, model_device, model_dtype
 from rewriting.seeds import format_seeds, latent_batches, parse_seeds
@@ -106,12 +106,14 @@ class SecondMoment:
         """Add another shard in place (same model, layer, channels; disjoint seeds)."""
         if other.channels != self.channels:
             raise IncompatibleError(f"cannot merge {other.channels} channels into {self.channels}")
+        # every check before any change: a refused merge leaves self as it was
+        inherited = {}
         for field in ("model_sha256", "layer", "z_dim"):
             a, b = self.metadata.get(field), other.metadata.get(field)
             if a is not None and b is not None and a != b:
                 raise IncompatibleError(f"cannot merge statistics with different {field}: {a} != {b}")
             if a is None and b is not None:
-                self.metadata[field] = b
+                inherited[field] = b
         if "seeds" in self.metadata or "seeds" in other.metadata:
             if self.count and "seeds" not in self.metadata or other.count and "seeds" not in other.metadata:
                 raise IncompatibleError("cannot merge a statistic with recorded seeds and one without")
@@ -119,7 +121,8 @@ class SecondMoment:
             theirs = parse_seeds(other.metadata["seeds"]) if "seeds" in other.metadata else []
             if set(mine) & set(theirs):
                 raise IncompatibleError("the shards share seeds; merging would count them twice")
-            self.metadata["seeds"] = format_seeds(sorted(mine + theirs))
+            inherited["seeds"] = format_seeds(sorted(mine + theirs))
+        self.metadata.update(inherited)
         self.count += other.count
         self.sum += other.sum.to(self.sum.device)
         self.moment += other.moment.to(self.moment.device)
@@ -159,8 +162,8 @@ class SecondMoment:
         meta = {**self.metadata, **(metadata or {})}
         meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
         meta.update(format=FORMAT, count=str(self.count), channels=str(self.channels))
-        save_file({"sum": self.sum.cpu().contiguous(), "moment": self.moment.cpu().contiguous()},
-                  str(path), metadata=meta)
+        write_safetensors({"sum": self.sum.cpu().contiguous(), "moment": self.moment.cpu().contiguous()},
+                          path, metadata=meta)
 
     @classmethod
     def load(cls, path, device="cpu"):

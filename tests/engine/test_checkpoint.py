@@ -35,6 +35,33 @@ def test_sha256_is_of_the_file_bytes(tmp_path):
     assert file_sha256(path) == hashlib.sha256(b"abc" * 1000).hexdigest()
 
 
+def test_the_same_content_is_written_as_the_same_bytes(tmp_path):
+    # safetensors writes metadata in hash order; a file's sha256 must name its content
+    from rewriting.checkpoint import safetensors_bytes, write_safetensors
+    from rewriting.delta import EditDelta
+    from rewriting.statistics import compute_second_moment
+    from safetensors.torch import load
+
+    model = build("equalized", z_dim=12)
+    metadata = {f"key{i}": "é" * i for i in range(12)}
+    files, stats = [], []
+    for i in range(6):
+        files.append(tmp_path / f"g{i}.safetensors")
+        save_model(model, files[-1], "tiny-equalized", {"z_dim": 12}, metadata=metadata)
+        stats.append(tmp_path / f"s{i}.safetensors")
+        compute_second_moment(model, "layer2", "0-3", model_sha256="ab" * 32).save(stats[-1], metadata=metadata)
+    assert len({file_sha256(p) for p in files}) == 1 and len({file_sha256(p) for p in stats}) == 1
+    delta = EditDelta(layer="layer2.conv", param="weight", base_sha256="ab" * 32, lam=torch.randn(4, 1, 3, 3),
+                      directions=torch.randn(1, 6), in_dim=1, config={"b": 1, "a": [2]})
+    assert len({delta.to_bytes() for _ in range(6)}) == 1
+    data = safetensors_bytes({"x": torch.arange(5.0)}, metadata)
+    assert int.from_bytes(data[:8], "little") % 8 == 0 and torch.equal(load(data)["x"], torch.arange(5.0))
+    write_safetensors({"x": torch.arange(5.0)}, tmp_path / "x.safetensors", metadata)
+    assert (tmp_path / "x.safetensors").read_bytes() == data
+    back, meta = load_state(files[0])
+    assert meta["key3"] == "ééé" and torch.equal(back["layer2.conv.weight"], model.state_dict()["layer2.conv.weight"])
+
+
 def test_unknown_architecture_is_refused(tmp_path):
     path = tmp_path / "g.safetensors"
     save_model(build("equalized"), path, "os:system", {})

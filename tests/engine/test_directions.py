@@ -114,3 +114,15 @@ def test_empty_mask_is_an_error():
         context_directions(torch.randn(1, 4, 8, 8), torch.zeros(1, 8, 8), stat)
     assert e.value.field == "context"
     assert RIDGE == 1e-6
+
+
+@pytest.mark.parametrize("method", ["zca", "svd"])
+def test_rank_above_the_independent_keys_is_refused(method):
+    # after a nearest upsample each 2x2 block repeats one key: 8 cells, 2 distinct keys
+    stat, keys = moment_of()
+    repeated = keys[:2].repeat_interleave(4, 0)
+    ones = torch.ones(8, dtype=torch.float64)
+    assert directions_from_keys(repeated, ones, stat, rank=2, method=method).shape == (2, 6)
+    with pytest.raises(EditRequestError, match="2 independent keys") as error:
+        directions_from_keys(repeated, ones, stat, rank=3, method=method)
+    assert error.value.field == "rank"

@@ -84,6 +84,23 @@ def test_trace_stop_skips_the_rendering_and_hooks_are_removed():
         assert not m._forward_hooks and not m._forward_pre_hooks
 
 
+def test_trace_edit_output_renders_from_values_at_the_layer():
+    model = build("equalized")
+    z = sample_inputs(model, [0, 1])
+    with torch.no_grad():
+        plain = model(z)
+        with Trace(model, "layer2", edit_output=lambda out: out) as same:
+            again = model(z)
+        with Trace(model, "layer2") as tr:
+            model(z)
+        value = tr.output.flip(0)  # each image drawn from the other's values at layer2
+        with Trace(model, "layer2", edit_output=lambda out: value) as swapped:
+            drawn = model(z)
+    assert torch.equal(again, plain) and torch.equal(same.output, tr.output)
+    assert torch.equal(swapped.output, value) and torch.allclose(drawn, plain.flip(0))
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
 def test_trace_removes_hooks_on_error():
     model = build("equalized")
     with pytest.raises(RuntimeError):

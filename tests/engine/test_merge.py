@@ -136,6 +136,29 @@ def test_closed_form_recovers_a_joint_linear_update():
     assert torch.allclose(edited, w_true, atol=1e-5)
 
 
+def test_closed_form_weighs_each_rule_as_one_whatever_its_size():
+    # two rules that conflict along their shared direction, one key against fifty: the
+    # solve minimizes the mean of the rules' mean losses, as the lambda optimizer does
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(OrderedDict(fc=torch.nn.Linear(6, 4, bias=False))).double()
+    w0 = net.fc.weight.detach().clone()
+    d = torch.eye(6, dtype=torch.float64)[:1]
+    keys_a, keys_b = torch.randn(1, 6, dtype=torch.float64), torch.randn(50, 6, dtype=torch.float64)
+    rules = [linear_rule(w0 + torch.randn(4, 1, dtype=torch.float64) @ d, d, keys_a, "a"),
+             linear_rule(w0 + torch.randn(4, 1, dtype=torch.float64) @ d, d, keys_b, "b")]
+    merged = merge_rules(net, "fc", rules, InsertConfig(method="closed_form", loss="mse"))
+    lam = merged.delta.lam.double()
+
+    def joint(lam):
+        w = w0 + lam @ d
+        return sum(((r.targets.inputs[0] @ w.T - r.targets.values) ** 2).mean() for r in rules) / 2
+
+    lam = lam.requires_grad_(True)
+    loss = joint(lam)
+    loss.backward()
+    assert lam.grad.abs().max() < 1e-8 and abs(loss.item() - merged.loss) < 1e-10
+
+
 def test_closed_form_merges_convolution_rules():
     # Each rule a 3x3 conv's input over its own crop; the wanted weight differs from W0 along
     # the rules' directions only, so the joint solve over both crops' rows meets both exactly.

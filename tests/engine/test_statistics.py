@@ -132,6 +132,12 @@ def test_overlapping_or_foreign_shards_refuse_to_merge():
         a + compute_second_moment(model, "layer3", "20-22")
     with pytest.raises(IncompatibleError):
         a + SecondMoment(3)
+    # a refused merge in place leaves the statistic as it was (no metadata from the other)
+    before, count = dict(a.metadata), a.count
+    other = compute_second_moment(model, "layer2", "5-12", model_sha256="cd" * 32)
+    with pytest.raises(IncompatibleError):
+        a.merge(other)
+    assert a.metadata == before and a.count == count
 
 
 def test_save_and_load_round_trip(tmp_path):
