@@ -15,11 +15,12 @@ import struct
 from dataclasses import dataclass
 
 from flask import Blueprint, current_app, request
-from sqlalchemy import or_, select
+from sqlalchemy import or_, select, update
 from werkzeug.http import parse_options_header
 
 from api.auth import current_tenant_id
-from api.errors import BadRequest, InvalidCheckpoint, ModelNotFound, ModelNotReady, PayloadTooLarge, ValidationError
+from api.errors import (ApiError, BadRequest, InvalidCheckpoint, ModelNotFound, ModelNotReady, PayloadTooLarge,
+                        ValidationError)
 from api.inputs import json_body, json_problem, known_only
 from api.multipart import MultipartReader
 from api.openapi import SECURED, error_responses
@@ -270,7 +271,15 @@ def create_model():
     session = get_session()
     session.add(model)
     session.commit()  # the row exists before the worker is asked to look at it
-    send_task(INSPECT_MODEL, model.id)
+    try:
+        send_task(INSPECT_MODEL, model.id)
+    except ApiError:
+        # Nothing will inspect it: fail it rather than leave it pending; a retry uploads anew.
+        session.execute(update(Model).where(Model.id == model.id, Model.status == "pending")
+                        .values(status="failed", error="queue_unavailable: the model could not be queued for "
+                                                       "inspection; upload it again"))
+        session.commit()
+        raise
     return model_json(model), 202, {"Location": f"/v1/models/{model.id}"}
 
 

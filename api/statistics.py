@@ -10,10 +10,10 @@ row) and sends ``workers.statistics.compute_statistic(statistic_id)`` when the r
 new, or when its last computation failed.
 """
 from flask import Blueprint, current_app, request
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from api.auth import current_tenant_id
-from api.errors import ModelNotReady, StatisticNotFound, UnknownLayer, ValidationError
+from api.errors import ApiError, ModelNotReady, StatisticNotFound, UnknownLayer, ValidationError
 from api.inputs import json_body, known_only
 from api.models import visible_to
 from api.openapi import SECURED, error_responses
@@ -122,8 +122,20 @@ def precompute_statistic():
         queue = True
     else:
         queue = stat.status == "failed"  # try again; pending or computing ones are under way
+        if queue:  # asked for anew: its task gets a fresh count of deliveries (workers.deliveries)
+            session.execute(update(Statistic).where(Statistic.id == stat.id).values(deliveries=0))
+            session.commit()
     if queue:
-        send_task(COMPUTE_STATISTIC, stat.id, priority=DEFAULT_PRIORITY)
+        try:
+            send_task(COMPUTE_STATISTIC, stat.id, priority=DEFAULT_PRIORITY)
+        except ApiError:
+            # Nothing is queued: a pending row would read "under way" to the retry the 503
+            # invites. Failed, the retry queues it again.
+            session.execute(update(Statistic).where(Statistic.id == stat.id, Statistic.status == "pending",
+                                                    Statistic.lease_owner.is_(None))
+                            .values(status="failed", error="queue_unavailable: the statistic could not be queued"))
+            session.commit()
+            raise
     return statistic_json(stat, model.id), 202 if queue else 200, {"Location": f"/v1/statistics/{stat.id}"}
 
 
@@ -202,7 +214,7 @@ OPENAPI_PATHS = {
                         "headers": {"Location": {"schema": {"type": "string"}}}, "content": _STATISTIC},
                 "200": {"description": "Already ready, or being computed",
                         "headers": {"Location": {"schema": {"type": "string"}}}, "content": _STATISTIC},
-                **error_responses(400, 401, 409, 422),
+                **error_responses(400, 401, 409, 413, 422),
             },
         },
     },

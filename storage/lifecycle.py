@@ -50,8 +50,18 @@ class Lease:
     token: int
 
 
+def lock(session: Session, job_id: str) -> None:
+    """Lock the job's row for the rest of the transaction (a no-op UPDATE: SQLite has no
+    ``SELECT ... FOR UPDATE``), before ``add_event`` by a caller that changes nothing else."""
+    session.execute(update(Job).where(Job.id == job_id).values(fencing_token=Job.fencing_token)
+                    .execution_options(synchronize_session=False))
+
+
 def add_event(session: Session, job_id: str, kind: str, seq: int | None = None, **fields) -> JobEvent:
-    """Append an event; ``seq`` orders a job's events (the next one unless given)."""
+    """Append an event; ``seq`` orders a job's events (the next one unless given).
+
+    The caller holds the job's row lock (it updated the row in this transaction, or called
+    ``lock``), so that two writers cannot both take the same next ``seq``."""
     if seq is None:
         seq = session.scalar(select(func.coalesce(func.max(JobEvent.seq), 0)).where(JobEvent.job_id == job_id)) + 1
     event = JobEvent(job_id=job_id, seq=seq, kind=kind, **fields)
@@ -88,7 +98,8 @@ def claim(session: Session, job_id: str, owner: str, ttl: float, now: datetime |
     died) is taken over, unless it was already claimed ``max_attempts`` times: then it
     fails (``worker_lost``) instead of running again. A running job with a live lease (a
     duplicate delivery) and a finished job are left alone. A queued job whose cancel was
-    requested becomes cancelled instead of running.
+    requested becomes cancelled instead of running, and so does a running one whose lease
+    expired after its cancel was requested.
     """
     now = now or utcnow()
     job = session.get(Job, job_id, populate_existing=True)
@@ -98,6 +109,9 @@ def claim(session: Session, job_id: str, owner: str, ttl: float, now: datetime |
         cancel_queued(session, job)
         return None
     if job.status == "running" and job.lease_expires_at is not None and job.lease_expires_at > now:
+        return None
+    if job.status == "running" and job.cancel_requested:
+        cancel_abandoned(session, job, now)  # its worker died after the cancel: do not run it again
         return None
     if job.status == "running" and max_attempts is not None and job.attempts >= max_attempts:
         give_up(session, job, max_attempts, now)
@@ -189,6 +203,22 @@ def give_up(session: Session, job: Job, max_attempts: int, now: datetime | None 
                           f"its worker stopped without ending it {job.attempts} times "
                           f"(lease of {job.lease_owner} expired; at most {max_attempts} attempts)",
                           token=job.fencing_token, now=now)
+
+
+def cancel_abandoned(session: Session, job: Job, now: datetime | None = None) -> bool:
+    """End ``cancelled`` a running job whose cancel was requested and whose worker died (the
+    lease granted with its current token expired); False when it changed meanwhile."""
+    now = now or utcnow()
+    values = dict(status="cancelled", finished_at=now, lease_owner=None, lease_expires_at=None)
+    result = session.execute(update(Job).where(
+        Job.id == job.id, Job.status == "running", Job.fencing_token == job.fencing_token,
+        Job.cancel_requested.is_(True), Job.lease_expires_at <= now).values(**values)
+        .execution_options(synchronize_session=False))
+    if result.rowcount != 1:
+        return False
+    add_event(session, job.id, "transition", status="cancelled",
+              message=f"cancelled; lease of {job.lease_owner} expired before it stopped")
+    return True
 
 
 def fail_unclaimed(session: Session, job: Job, error_code: str, error_message: str) -> None:

@@ -154,6 +154,10 @@ class Model(Base):
     # rows from before migration 0002 were registered by hand, hence ready
     status: Mapped[str] = mapped_column(String(20), default="pending", server_default=text("'ready'"))
     error: Mapped[str | None] = mapped_column(Text)
+    # inspect_model deliveries started, and when the last one started (NULL once it ended):
+    # workers.deliveries caps them, so a checkpoint that kills its worker cannot loop forever
+    deliveries: Mapped[int] = mapped_column(default=0, server_default=text("0"))
+    delivered_at: Mapped[datetime | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -185,6 +189,9 @@ class Statistic(Base):
     fencing_token: Mapped[int] = mapped_column(default=0, server_default=text("0"))
     # NULL: computed in one piece; else split into this many StatisticShard rows (workers.statistics)
     shard_count: Mapped[int | None]
+    # compute_statistic deliveries (workers.deliveries), as on models
+    deliveries: Mapped[int] = mapped_column(default=0, server_default=text("0"))
+    delivered_at: Mapped[datetime | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
@@ -241,6 +248,10 @@ class Batch(Base):
     output_object_key: Mapped[str | None] = mapped_column(String(1024))
     error_code: Mapped[str | None] = mapped_column(String(100))
     error_message: Mapped[str | None] = mapped_column(Text)
+    # merge_batch deliveries (workers.deliveries), as on models; sweep does not re-send a
+    # merge while one is under way
+    deliveries: Mapped[int] = mapped_column(default=0, server_default=text("0"))
+    delivered_at: Mapped[datetime | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     finished_at: Mapped[datetime | None]

@@ -27,6 +27,7 @@ from boto3.exceptions import S3UploadFailedError
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
+from urllib3.exceptions import HTTPError
 
 CHUNK_SIZE = 1024 * 1024
 MAX_KEY_LENGTH = 1024
@@ -239,7 +240,9 @@ class _S3Reader(io.RawIOBase):
     def readinto(self, buffer) -> int:
         try:
             data = self._body.read(len(buffer))
-        except BotoCoreError as e:
+        # urllib3's own errors (SSLError, ProtocolError, ...) and socket errors can come
+        # through botocore's streaming body untranslated
+        except (BotoCoreError, HTTPError, OSError) as e:
             raise StorageUnavailable(f"reading {self._key} failed: {e}") from e
         buffer[: len(data)] = data
         return len(data)

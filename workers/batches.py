@@ -37,6 +37,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from storage.db import session_scope
 from storage.models import Batch, Job, WebhookDelivery, new_id, utcnow
+from workers.deliveries import not_in_flight
 
 log = logging.getLogger(__name__)
 
@@ -211,17 +212,19 @@ def fail_batch(session_factory, batch_id: str, code: str, message: str, celery=N
     return True
 
 
-def sweep(session_factory, celery=None, stale_seconds: float = 900.0) -> dict:
+def sweep(session_factory, celery=None, stale_seconds: float = 900.0, in_flight_seconds: float = 3900.0) -> dict:
     """Repair what lost notices left behind (for a periodic reconciler): refresh every open
     batch, send again the merge of a batch finalizing for over ``stale_seconds`` (its task
-    may have been lost; ``merge_batch`` must be safe to run twice), complete a finalizing
-    unmerged batch, and send again each webhook delivery pending for over ``stale_seconds``.
-    Returns what it did, by kind."""
-    stale = utcnow() - timedelta(seconds=stale_seconds)
+    may have been lost; ``merge_batch`` must be safe to run twice) unless a delivery of it
+    started less than ``in_flight_seconds`` (the hard time limit) ago and has not ended
+    (``workers.deliveries``), complete a finalizing unmerged batch, and send again each
+    webhook delivery pending for over ``stale_seconds``. Returns what it did, by kind."""
+    now = utcnow()
+    stale = now - timedelta(seconds=stale_seconds)
     with session_scope(session_factory) as session:
         open_ids = list(session.scalars(select(Batch.id).where(Batch.status.in_(("in_progress", "cancelling")))))
         finalizing = list(session.execute(select(Batch.id, Batch.merge).where(
-            Batch.status == "finalizing", Batch.updated_at < stale)))
+            Batch.status == "finalizing", Batch.updated_at < stale, not_in_flight(Batch, now, in_flight_seconds))))
         deliveries = list(session.scalars(select(WebhookDelivery.id).where(
             WebhookDelivery.status == "pending", WebhookDelivery.updated_at < stale)))
     done = {"refreshed": 0, "merges_resent": 0, "completed": 0, "webhooks_resent": 0}

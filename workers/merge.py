@@ -28,7 +28,12 @@ sha256, layer) and for each group:
 Then ``workers.batches.complete_batch`` ends the batch. Safe to run twice: a group
 with a ``BatchMerge`` row is skipped, rows are inserted if absent, and uploads are
 content-addressed. A store or database outage raises and leaves the batch
-``finalizing``; ``workers.batches.sweep`` sends the task again.
+``finalizing``; ``workers.batches.sweep`` sends the task again (not while a delivery is
+under way). Any other error fails the group's merge (``object_missing`` for a member's
+delta gone from the store, ``internal_error`` for a bug), and the batch completes.
+Deliveries are counted (``workers.deliveries``): past ``PALIMPSEST_JOB_MAX_ATTEMPTS`` (a merge
+that kills its worker), the groups left are recorded failed ``worker_lost`` and the batch
+completes.
 
 The API shows the ``BatchMerge`` rows with the batch (``api/batches.py``). The engine
 (torch) is imported inside the functions that compute.
@@ -41,11 +46,15 @@ from dataclasses import replace
 from pathlib import Path
 
 from celery import shared_task
+from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import select
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DBAPIError
 
 from storage.db import session_scope
 from storage.models import Artifact, Batch, BatchMerge, Job, Statistic, new_id, utcnow
+from storage.objects import ObjectNotFound, StorageUnavailable
+from workers import deliveries
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +91,6 @@ def process_merge(session_factory, store, settings, batch_id: str, warm=None, ce
     """The body of ``merge_batch``: merge each group not merged yet, then complete the batch.
     Returns the batch's status afterwards (None: no such batch). A batch that is not
     ``finalizing`` with ``merge`` set is left as it is."""
-    from rewriting.errors import EngineError
-    from workers.artifacts import ChecksumMismatch
     from workers.batches import complete_batch
 
     with session_scope(session_factory) as session:
@@ -93,23 +100,50 @@ def process_merge(session_factory, store, settings, batch_id: str, warm=None, ce
         if batch.status != "finalizing" or not batch.merge:
             return batch.status
         tenant_id = batch.tenant_id
-        done = {(sha, layer) for sha, layer in session.execute(
-            select(BatchMerge.model_sha256, BatchMerge.layer).where(BatchMerge.batch_id == batch_id))}
-        groups = {key: plans for key, plans in member_groups(session, batch_id, settings.stat_samples).items()
-                  if key not in done}
-    for (base_sha256, layer), plans in groups.items():
-        columns = dict(batch_id=batch_id, model_id=plans[0].model.id, model_sha256=base_sha256, layer=layer,
-                       rules=len(plans))
-        try:
-            columns.update(merge_group(session_factory, store, settings, tenant_id, plans, warm))
-        except (EngineError, ChecksumMismatch) as e:
-            columns.update(status="failed", error_code=e.code, error_message=str(e))
-            log.warning("batch %s: merge of %s at %s failed: %s", batch_id, base_sha256[:12], layer, e)
+    with deliveries.counted(session_factory, Batch, batch_id, settings.db_retry_seconds) as number:
         with session_scope(session_factory) as session:
-            record_merge(session, **columns)
+            done = {(sha, layer) for sha, layer in session.execute(
+                select(BatchMerge.model_sha256, BatchMerge.layer).where(BatchMerge.batch_id == batch_id))}
+            groups = {key: plans for key, plans in member_groups(session, batch_id, settings.stat_samples).items()
+                      if key not in done}
+        for (base_sha256, layer), plans in groups.items():
+            columns = dict(batch_id=batch_id, model_id=plans[0].model.id, model_sha256=base_sha256, layer=layer,
+                           rules=len(plans))
+            if deliveries.given_up(number, settings.job_max_attempts):
+                columns.update(status="failed", error_code=deliveries.WORKER_LOST,
+                               error_message=deliveries.lost_message("the merge", number))
+            else:
+                columns.update(merge_or_failure(session_factory, store, settings, tenant_id, plans, warm))
+            if columns["status"] == "failed":
+                log.warning("batch %s: merge of %s at %s failed: %s", batch_id, base_sha256[:12], layer,
+                            columns["error_message"])
+            with session_scope(session_factory) as session:
+                record_merge(session, **columns)
     complete_batch(session_factory, batch_id, celery)
     with session_scope(session_factory) as session:
         return session.scalar(select(Batch.status).where(Batch.id == batch_id))
+
+
+def merge_or_failure(session_factory, store, settings, tenant_id: str, plans: list, warm=None) -> dict:
+    """``merge_group``'s columns, or a failure's (status, error_code, error_message). An outage
+    of the store or the database raises instead: the merge is tried again later."""
+    from rewriting.errors import EngineError
+    from workers.artifacts import ChecksumMismatch
+
+    try:
+        return merge_group(session_factory, store, settings, tenant_id, plans, warm)
+    except (StorageUnavailable, DBAPIError):
+        raise
+    except (EngineError, ChecksumMismatch) as e:
+        return dict(status="failed", error_code=e.code, error_message=str(e))
+    except ObjectNotFound as e:
+        return dict(status="failed", error_code="object_missing", error_message=f"no object at {e} in the store")
+    except SoftTimeLimitExceeded:
+        return dict(status="failed", error_code="timeout",
+                    error_message=f"the merge ran past the soft time limit ({settings.task_soft_time_limit} s)")
+    except Exception as e:  # a bug: recorded, so that the batch still ends
+        log.exception("merge of %s failed unexpectedly", plans[0].base_sha256[:12])
+        return dict(status="failed", error_code="internal_error", error_message=f"{type(e).__name__}: {e}")
 
 
 def merge_group(session_factory, store, settings, tenant_id: str, plans: list, warm=None) -> dict:

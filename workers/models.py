@@ -20,6 +20,7 @@ Checkpoint keys: ``tenants/<tenant>/models/<sha256>/model.safetensors``, or
 likewise under ``segmenters/``. The module top is torch-free; torch is loaded inside.
 """
 import json
+import logging
 import os
 from dataclasses import dataclass
 
@@ -29,7 +30,11 @@ from sqlalchemy import select, update
 from storage.db import session_scope
 from storage.models import Model
 from storage.objects import ObjectNotFound, StorageUnavailable
+from workers import deliveries
 from workers.artifacts import ChecksumMismatch, cache_dir, fetch, file_sha256, put_file
+from workers.retry import STORE_ERRORS, retry_call
+
+log = logging.getLogger(__name__)
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
@@ -159,34 +164,60 @@ def inspect_file(path, architecture: str | None = None, config: dict | None = No
 def process_model(session_factory, store, settings, model_id: str) -> str | None:
     """The body of ``inspect_model``: validate an uploaded checkpoint; its final status.
 
-    Only a ``pending`` model is inspected (a second delivery does nothing). A refusal
-    marks it ``failed`` with the reason in ``error``. A store that cannot be reached
-    raises ``StorageUnavailable`` (the task retries) and leaves the model pending."""
+    Only a ``pending`` model is inspected (a second delivery does nothing). Whatever
+    building or inspecting the tenant's checkpoint raises marks it ``failed`` with the
+    reason in ``error``. A store that stays unreachable for ``PALIMPSEST_STORAGE_RETRY_SECONDS``
+    raises ``StorageUnavailable`` and leaves the model pending (its ``error`` says so; the
+    reconciler sends it again). Deliveries are counted (``workers.deliveries``): past
+    ``PALIMPSEST_JOB_MAX_ATTEMPTS`` of them (a checkpoint that kills its worker) it fails
+    ``worker_lost`` without being inspected again."""
     with session_scope(session_factory) as session:
         model = session.get(Model, model_id)
         if model is None or model.status != "pending":
             return None if model is None else model.status
+    with deliveries.counted(session_factory, Model, model_id, settings.db_retry_seconds) as number:
+        if deliveries.given_up(number, settings.job_max_attempts):
+            values = dict(status="failed", error=deliveries.lost_message("its inspection", number, model.error))
+        else:
+            try:
+                values = _inspect(store, settings, model)
+            except StorageUnavailable as e:
+                with session_scope(session_factory) as session:  # still pending: say why it waits
+                    session.execute(update(Model).where(Model.id == model_id, Model.status == "pending")
+                                    .values(error=f"file: the store is unavailable ({e}); inspection will be retried"))
+                raise
+        with session_scope(session_factory) as session:
+            session.execute(update(Model).where(Model.id == model_id, Model.status == "pending").values(**values))
+            return session.get(Model, model_id, populate_existing=True).status
+
+
+def _inspect(store, settings, model: Model) -> dict:
+    """The model's new columns: ready with its layers, or failed with the reason."""
     path = None
     try:
-        path = fetch(store, model.object_key, cache_dir(settings.data_dir), model.sha256)
+        path = retry_call(lambda: fetch(store, model.object_key, cache_dir(settings.data_dir), model.sha256),
+                          budget_s=settings.storage_retry_seconds, errors=STORE_ERRORS,
+                          what=f"model {model.id}: fetch")
         found = inspect_file(path, model.architecture or None, model.config or None)
-        values = dict(status="ready", architecture=found.architecture, config=found.config, layers=found.layers,
-                      error=None)
+        return dict(status="ready", architecture=found.architecture, config=found.config, layers=found.layers,
+                    error=None)
+    except StorageUnavailable:
+        raise
     except ObjectNotFound:
-        values = dict(status="failed", error=f"file: no object at {model.object_key} (the upload is missing)")
+        return dict(status="failed", error=f"file: no object at {model.object_key} (the upload is missing)")
     except ChecksumMismatch as e:
-        values = dict(status="failed", error=f"file: {e}")
+        return dict(status="failed", error=f"file: {e}")
     except ModelRefused as e:
-        values = dict(status="failed", error=str(e))
-        if path is not None:
-            path.unlink(missing_ok=True)  # keep no refused file in the cache
-    with session_scope(session_factory) as session:
-        session.execute(update(Model).where(Model.id == model_id, Model.status == "pending").values(**values))
-        return session.get(Model, model_id, populate_existing=True).status
+        error = str(e)
+    except Exception as e:  # the tenant's config runs the architecture's code: any error is theirs to see
+        log.warning("model %s: inspection raised", model.id, exc_info=True)
+        error = f"config: the checkpoint cannot be built or inspected with it ({type(e).__name__}: {e})"
+    if path is not None:
+        path.unlink(missing_ok=True)  # keep no refused file in the cache
+    return dict(status="failed", error=error)
 
 
-@shared_task(bind=True, name="workers.models.inspect_model", autoretry_for=(StorageUnavailable,),
-             retry_backoff=True, max_retries=5)
+@shared_task(bind=True, name="workers.models.inspect_model")
 def inspect_model(self, model_id: str) -> None:
     """Validate an uploaded checkpoint and list its editable layers. Queue ``cpu``."""
     process_model(self.app.session_factory, self.app.store, self.app.settings, model_id)

@@ -12,14 +12,18 @@ database and the broker and re-sends what is missing:
    takes the lease over (``storage.lifecycle.claim``), and fencing keeps the old worker,
    should it wake up, from writing anything. A job already claimed
    ``PALIMPSEST_JOB_MAX_ATTEMPTS`` times is failed instead (``worker_lost``), so a job that
-   kills its worker cannot run forever.
+   kills its worker cannot run forever. One whose cancel was requested ends ``cancelled``.
 2. A **queued job** with no message in the broker, older than the grace period
    (``PALIMPSEST_RECONCILE_GRACE_SECONDS``; the API sends the message just after it
    commits the row), is re-sent.
 3. A **statistic** that is pending or computing with no live lease (nor a shard under a
-   live lease), unchanged for the grace period and with no message, gets its
-   ``compute_statistic`` again.
-4. **Batches** are swept (``workers.batches.sweep``): open batches are recounted (and
+   live lease), unchanged for the grace period, with no message and no delivery under
+   way (``workers.deliveries``), gets its ``compute_statistic`` again.
+4. A **model** still ``pending`` after the grace period, with no message and no delivery
+   under way, gets its ``inspect_model`` again (a message lost, a store outage that
+   outlasted the worker's retries). Deliveries are capped: a checkpoint that kills its
+   worker fails ``worker_lost`` (``workers.models.process_model``).
+5. **Batches** are swept (``workers.batches.sweep``): open batches are recounted (and
    moved on when their last member ended but its notice was lost), a merge or webhook
    delivery whose task was lost is sent again.
 
@@ -50,18 +54,20 @@ from sqlalchemy import or_, select
 
 from storage import lifecycle
 from storage.db import session_scope
-from storage.models import Job, JobEvent, Statistic, StatisticShard, utcnow
+from storage.models import Job, JobEvent, Model, Statistic, StatisticShard, utcnow
 from workers.batches import job_ended, sweep
 from workers.celery_app import broker_priority
+from workers.deliveries import not_in_flight
 
 log = logging.getLogger(__name__)
 
 RUN_JOB = "workers.jobs.run_job"
 COMPUTE_STATISTIC = "workers.statistics.compute_statistic"
+INSPECT_MODEL = "workers.models.inspect_model"
 RESENT = "reconciler: re-sent"  # the start of a re-send event's message
 IN_CHUNK = 500  # ids per IN (...) query
 JOB_COLUMNS = (Job.id, Job.status, Job.phase, Job.priority, Job.attempts, Job.lease_owner, Job.lease_expires_at,
-               Job.fencing_token)
+               Job.fencing_token, Job.cancel_requested)
 
 
 @dataclass
@@ -70,7 +76,9 @@ class Report:
 
     resent_jobs: list = field(default_factory=list)
     failed_jobs: list = field(default_factory=list)  # given up after max attempts (worker_lost)
+    cancelled_jobs: list = field(default_factory=list)  # cancel requested, then their worker died
     resent_statistics: list = field(default_factory=list)
+    resent_models: list = field(default_factory=list)
     batches: dict = field(default_factory=dict)  # what workers.batches.sweep did, by kind
     broker_listed: bool = True  # False: the broker cannot be listed (queued jobs left alone)
 
@@ -81,12 +89,14 @@ class Report:
 
     @property
     def acted(self) -> bool:
-        return bool(self.resent_jobs or self.failed_jobs or self.resent_statistics or self.batch_repairs)
+        return bool(self.resent_jobs or self.failed_jobs or self.cancelled_jobs or self.resent_statistics
+                    or self.resent_models or self.batch_repairs)
 
     def __str__(self):
         repaired = ", ".join(f"{kind} {n}" for kind, n in self.batch_repairs.items())
-        return (f"re-sent {len(self.resent_jobs)} jobs and {len(self.resent_statistics)} statistics; "
-                f"failed {len(self.failed_jobs)} jobs after too many attempts"
+        return (f"re-sent {len(self.resent_jobs)} jobs, {len(self.resent_statistics)} statistics and "
+                f"{len(self.resent_models)} models; failed {len(self.failed_jobs)} jobs after too many attempts; "
+                f"cancelled {len(self.cancelled_jobs)} abandoned jobs"
                 + (f"; batches: {repaired}" if repaired else "")
                 + ("" if self.broker_listed else " (the broker cannot be listed: queued jobs were not checked)"))
 
@@ -163,10 +173,12 @@ def _recently_resent(session, job_ids, since: datetime) -> set:
     return recent
 
 
-def _statistics_to_resend(session, now: datetime, grace: timedelta) -> list[str]:
-    """Pending or computing statistics that nobody holds a live lease on, unchanged for ``grace``."""
+def _statistics_to_resend(session, now: datetime, grace: timedelta, hard_limit_s: float) -> list[str]:
+    """Pending or computing statistics that nobody holds a live lease on, unchanged for ``grace``,
+    with no ``compute_statistic`` delivery under way."""
     stale = [Statistic.status.in_(("pending", "computing")), Statistic.updated_at <= now - grace,
-             or_(Statistic.lease_expires_at.is_(None), Statistic.lease_expires_at <= now)]
+             or_(Statistic.lease_expires_at.is_(None), Statistic.lease_expires_at <= now),
+             not_in_flight(Statistic, now, hard_limit_s)]
     ids = list(session.scalars(select(Statistic.id).where(*stale)))
     if ids:  # sharded statistics: also no shard under a live lease
         held = set()
@@ -195,13 +207,24 @@ def reconcile_once(session_factory, celery, settings, *, all_queued: bool = Fals
         if waiting is not None or all_queued:  # (a long queue is normal: only the columns needed)
             queued = session.execute(select(*JOB_COLUMNS).where(Job.status == "queued",
                                                                 Job.created_at <= now - grace)).all()
-        statistics = _statistics_to_resend(session, now, grace)
+        statistics = _statistics_to_resend(session, now, grace, settings.task_time_limit)
+        models = []
+        if waiting is not None or all_queued:
+            models = list(session.scalars(select(Model.id).where(
+                Model.status == "pending", Model.created_at <= now - grace,
+                not_in_flight(Model, now, settings.task_time_limit))))
         candidates = [job for job in expired + queued if not in_broker(RUN_JOB, job.id)]
         recent = _recently_resent(session, [job.id for job in candidates], now - grace)
 
     resend = []
     for job in candidates:
-        if job.status == "running" and job.attempts >= settings.job_max_attempts:
+        if job.status == "running" and job.cancel_requested:
+            with session_scope(session_factory) as session:
+                cancelled = lifecycle.cancel_abandoned(session, job, now)
+            if cancelled:
+                report.cancelled_jobs.append(job.id)
+                job_ended(celery, job.id)
+        elif job.status == "running" and job.attempts >= settings.job_max_attempts:
             with session_scope(session_factory) as session:
                 failed = lifecycle.give_up(session, job, settings.job_max_attempts, now)
             if failed:
@@ -214,6 +237,7 @@ def reconcile_once(session_factory, celery, settings, *, all_queued: bool = Fals
             for job in chunk:
                 reason = (f"lease of {job.lease_owner} expired at {job.lease_expires_at:%H:%M:%S}"
                           if job.status == "running" else "queued with no message in the broker")
+                lifecycle.lock(session, job.id)  # a worker may be writing its own event
                 lifecycle.add_event(session, job.id, "progress", status=job.status, phase=job.phase,
                                     message=f"{RESENT} ({reason})")
         with celery.producer_pool.acquire(block=True) as producer:
@@ -225,7 +249,11 @@ def reconcile_once(session_factory, celery, settings, *, all_queued: bool = Fals
         if not in_broker(COMPUTE_STATISTIC, statistic_id):
             celery.send_task(COMPUTE_STATISTIC, args=[statistic_id])
             report.resent_statistics.append(statistic_id)
-    report.batches = sweep(session_factory, celery)
+    for model_id in models:
+        if not in_broker(INSPECT_MODEL, model_id):
+            celery.send_task(INSPECT_MODEL, args=[model_id])
+            report.resent_models.append(model_id)
+    report.batches = sweep(session_factory, celery, in_flight_seconds=settings.task_time_limit)
     if report.acted:
         log.warning("reconcile: %s", report)
     return report

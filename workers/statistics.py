@@ -51,7 +51,9 @@ from sqlalchemy.orm import Session
 
 from storage.db import session_scope
 from storage.models import Artifact, Model, Statistic, StatisticShard, utcnow
+from storage.objects import ObjectNotFound
 from storage.statistics import insert_statistic, parse_sample_spec
+from workers import deliveries
 from workers.retry import retry_transaction
 
 log = logging.getLogger(__name__)
@@ -469,17 +471,14 @@ def load_checkpoint(store, settings, key: str, sha256: str, warm=None):
                                                  device=resolve_device(settings.device)))
 
 
-def _checkpoint_or_fail(session: Session, stat: Statistic) -> str:
-    """The checkpoint key for ``stat``'s model, or record (on the row) and raise StatisticUnavailable."""
-    try:
-        key, _ = checkpoint_for(session, stat.model_sha256)
-        return key
-    except StatisticUnavailable as e:
-        session.execute(update(Statistic).where(Statistic.id == stat.id, Statistic.status != "ready",
-                                                or_(Statistic.lease_expires_at.is_(None),
-                                                    Statistic.lease_expires_at <= utcnow()))
-                        .values(status="failed", error=str(e), updated_at=utcnow()))
-        raise
+def _fail_unheld(session: Session, statistic_id: str, error: str) -> None:
+    """Record ``error`` on a statistic (``failed``) unless it is ready or a live lease holds it."""
+    now = utcnow()
+    session.execute(update(Statistic).where(Statistic.id == statistic_id, Statistic.status != "ready",
+                                            or_(Statistic.lease_expires_at.is_(None),
+                                                Statistic.lease_expires_at <= now))
+                    .values(status="failed", error=error, updated_at=now)
+                    .execution_options(synchronize_session=False))
 
 
 def process_statistic(session_factory, store, settings, statistic_id: str, owner: str | None = None,
@@ -487,31 +486,62 @@ def process_statistic(session_factory, store, settings, statistic_id: str, owner
     """The body of ``compute_statistic``: make the statistic ready (or find it ready).
 
     Returns its final status, or None when the row does not exist. A failure is recorded
-    on the row (``failed``, ``error``) and raised."""
-    from workers.artifacts import cache_dir
+    on the row (``failed``, ``error``) and raised: no checkpoint with the statistic's bytes,
+    or its object gone from the store or not matching its sha256. Deliveries are counted
+    (``workers.deliveries``): past ``PALIMPSEST_JOB_MAX_ATTEMPTS`` of them (a statistic
+    whose computation kills its worker) it is failed ``worker_lost`` instead."""
+    from workers.artifacts import ChecksumMismatch, cache_dir
     from workers.heartbeat import Heartbeat, worker_name
 
     owner = owner or worker_name()
-    unavailable = None
     with session_scope(session_factory) as session:
         stat = session.get(Statistic, statistic_id)
         if stat is None:
             return None
         if stat.status == "ready":
             return "ready"
+    with deliveries.counted(session_factory, Statistic, statistic_id, settings.db_retry_seconds) as number:
+        if deliveries.given_up(number, settings.job_max_attempts):
+            with session_scope(session_factory) as session:
+                _fail_unheld(session, statistic_id, deliveries.lost_message("compute_statistic", number))
+            return _read_statistic(session_factory, statistic_id, settings.db_retry_seconds).status
         try:
-            key = _checkpoint_or_fail(session, stat)
-        except StatisticUnavailable as e:  # recorded (committed) on the row, then raised
-            unavailable = e
-    if unavailable is not None:
-        raise unavailable
-    model = load_checkpoint(store, settings, key, stat.model_sha256, warm)
-    with Heartbeat(session_factory, settings.job_lease_seconds) as heartbeat:
-        _, stat = ensure_statistic(session_factory, store, cache_dir(settings.data_dir), model, stat.model_sha256,
-                                   stat.layer, stat.sample_spec, owner, settings.job_lease_seconds, heartbeat,
-                                   statistic_id=statistic_id, shard_samples=settings.shard_samples, warm=warm,
-                                   send_shard=send_shard, retry_s=settings.db_retry_seconds)
+            with session_scope(session_factory) as session:
+                key, _ = checkpoint_for(session, stat.model_sha256)
+            model = load_checkpoint(store, settings, key, stat.model_sha256, warm)
+        except (StatisticUnavailable, ObjectNotFound, ChecksumMismatch) as e:
+            # nothing to compute from: fail it, or the reconciler would send it again forever
+            error = str(e) if isinstance(e, StatisticUnavailable) else f"checkpoint: {type(e).__name__}: {e}"
+            with session_scope(session_factory) as session:
+                _fail_unheld(session, statistic_id, error)
+            raise
+        with Heartbeat(session_factory, settings.job_lease_seconds) as heartbeat:
+            _, stat = ensure_statistic(session_factory, store, cache_dir(settings.data_dir), model,
+                                       stat.model_sha256, stat.layer, stat.sample_spec, owner,
+                                       settings.job_lease_seconds, heartbeat, statistic_id=statistic_id,
+                                       shard_samples=settings.shard_samples, warm=warm, send_shard=send_shard,
+                                       retry_s=settings.db_retry_seconds)
     return stat.status
+
+
+def give_up_shard(session: Session, shard: StatisticShard, max_attempts: int) -> bool:
+    """Fail a shard claimed ``max_attempts`` times that is still not done and held by nobody
+    (its workers died, or kept failing), and its statistic, ``worker_lost``: a
+    ``compute_shard`` that kills its worker is not run again. A job that needs the
+    statistic may still claim it (bounded by the job's own attempts)."""
+    now = utcnow()
+    error = (f"{deliveries.WORKER_LOST}: claimed {shard.attempts} times without finishing "
+             f"(at most {max_attempts}); last: {shard.error or 'its worker died'}")
+    result = session.execute(update(StatisticShard).where(
+        StatisticShard.id == shard.id, StatisticShard.fencing_token == shard.fencing_token,
+        StatisticShard.status != "ready",
+        or_(StatisticShard.lease_expires_at.is_(None), StatisticShard.lease_expires_at <= now))
+        .values(status="failed", error=error, lease_owner=None, lease_expires_at=None, updated_at=now)
+        .execution_options(synchronize_session=False))
+    if result.rowcount != 1:
+        return False
+    _fail_unheld(session, shard.statistic_id, f"shard {shard.id}: {error}")
+    return True
 
 
 def process_shard(session_factory, store, settings, shard_id: str, owner: str | None = None,
@@ -523,7 +553,9 @@ def process_shard(session_factory, store, settings, shard_id: str, owner: str | 
 
     Returns what it did (``computed``, ``merged``), or None when there was nothing to do (no
     such shard, the statistic ready, every open shard held, or the lease was lost on the
-    way). A failure is recorded on the shard and raised."""
+    way). A failure is recorded on the shard and raised. A shard named that was claimed
+    ``PALIMPSEST_JOB_MAX_ATTEMPTS`` times already and is still open is failed instead
+    (``give_up_shard``)."""
     from workers.artifacts import cache_dir
     from workers.heartbeat import Heartbeat, worker_name
 
@@ -537,6 +569,9 @@ def process_shard(session_factory, store, settings, shard_id: str, owner: str | 
             stat = shard and session.get(Statistic, shard.statistic_id, populate_existing=True)
             if shard is None or stat.status == "ready":
                 return None
+            if shard.attempts >= settings.job_max_attempts and _open(shard, utcnow()):
+                give_up_shard(session, shard, settings.job_max_attempts)
+                return None
             token = claim_statistic(session, shard, owner, ttl)
             step = Step("shard", token, shard) if token is not None else next_step(session, stat, owner, ttl)
             if step.action == "shard":
@@ -544,6 +579,8 @@ def process_shard(session_factory, store, settings, shard_id: str, owner: str | 
                     key, _ = checkpoint_for(session, stat.model_sha256)
                 except StatisticUnavailable as e:
                     unavailable = e
+        if step.action == "shard":  # renewed from now on, also while the checkpoint loads
+            heartbeat.hold_statistic(step.shard.id, step.token)
         if step.action == "merge":
             merged = merge_shards(session_factory, store, cache, stat.id, step.token, heartbeat,
                                   settings.db_retry_seconds)

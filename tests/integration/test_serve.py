@@ -44,7 +44,7 @@ def served(tmp_path):
 def test_serve_with_worker_is_ready_on_embedded_defaults(served):
     stack, server = served
     assert stack.data_dir.is_dir()  # created on start
-    assert f"{server.url}/v1" in server.log()  # prints where it listens
+    assert f"API on {server.url} (routes under /v1" in server.log()  # prints where it listens
 
     response = wait_until(lambda: (r := requests.get(f"{server.url}/v1/readyz", timeout=5)).status_code == 200 and r,
                           timeout=30, what="readyz 200")

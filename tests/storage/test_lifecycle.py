@@ -98,3 +98,50 @@ def test_finished_job_refuses_cancel_and_illegal_transitions(session_factory, jo
         lifecycle.finish(s, lease, "queued")
     j = job(session_factory, job_id)
     assert (j.status, j.error_code) == ("failed", "timeout")
+
+
+def test_a_cancelled_job_whose_worker_died_ends_cancelled_not_rerun(session_factory, job_id):
+    now = utcnow()
+    with session_scope(session_factory) as s:
+        lifecycle.claim(s, job_id, "w1", ttl=30, now=now, max_attempts=3)
+    with session_scope(session_factory) as s:
+        lifecycle.request_cancel(s, job_id)  # then w1 dies before it sees the cancel
+    with session_scope(session_factory) as s:  # its lease is still live: left alone
+        assert lifecycle.claim(s, job_id, "w2", ttl=30, now=now + timedelta(seconds=10), max_attempts=3) is None
+    assert job(session_factory, job_id).status == "running"
+    with session_scope(session_factory) as s:
+        assert lifecycle.claim(s, job_id, "w2", ttl=30, now=now + timedelta(seconds=31), max_attempts=3) is None
+    ended = job(session_factory, job_id)
+    assert (ended.status, ended.attempts, ended.fencing_token, ended.lease_owner) == ("cancelled", 1, 1, None)
+    assert events(session_factory, job_id)[-1] == (4, "transition", "cancelled")
+    with session_scope(session_factory) as s:  # a later delivery finds it ended
+        assert lifecycle.claim(s, job_id, "w3", ttl=30, now=now + timedelta(seconds=62)) is None
+
+
+def test_an_event_written_after_lock_waits_for_the_other_writer(session_factory, job_id):
+    """The reconciler's re-send event and a worker's milestone: both lock the job row
+    first, so the second takes the next seq instead of colliding on (job_id, seq)."""
+    import threading
+
+    with session_scope(session_factory) as s:
+        lease = lifecycle.claim(s, job_id, "w1", ttl=30)
+    reconciler = session_factory()
+    lifecycle.lock(reconciler, job_id)
+    lifecycle.add_event(reconciler, job_id, "progress", status="running", message="reconciler: re-sent (x)")
+    errors = []
+
+    def worker():
+        try:
+            with session_scope(session_factory) as s:
+                lifecycle.report_progress(s, lease, "statistics", milestone=True)
+        except Exception as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join(0.5)  # it waits on the row (PostgreSQL) or the database (SQLite)
+    reconciler.commit()
+    reconciler.close()
+    thread.join()
+    assert errors == []
+    assert [seq for seq, *_ in events(session_factory, job_id)] == [1, 2, 3, 4]

@@ -347,3 +347,34 @@ def test_s3_error_translation(code, status, expected, aws_test_credentials):
                          "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject")
     translated = store._translate(error, "k")
     assert type(translated) is expected
+
+
+def test_an_s3_read_cut_by_tls_is_storage_unavailable():
+    """urllib3's own errors (here an SSL EOF mid-body) come through botocore's streaming body
+    untranslated: the reader turns them into StorageUnavailable, which workers retry."""
+    import ssl
+
+    from botocore.response import StreamingBody
+    from urllib3.response import HTTPResponse
+
+    from storage.objects import CHUNK_SIZE, StorageUnavailable, _S3Reader
+
+    class CutOff(io.RawIOBase):
+        def __init__(self):
+            self.reads = 0
+
+        def readable(self):
+            return True
+
+        def readinto(self, buffer):
+            self.reads += 1
+            if self.reads > 1:
+                raise ssl.SSLEOFError(8, "EOF occurred in violation of protocol")
+            buffer[:4] = b"abcd"
+            return 4
+
+    raw = HTTPResponse(body=CutOff(), preload_content=False, headers={"content-length": "100"})
+    stream = io.BufferedReader(_S3Reader(StreamingBody(raw, 100), "k"), buffer_size=CHUNK_SIZE)
+    with pytest.raises(StorageUnavailable):
+        while stream.read(CHUNK_SIZE):
+            pass
