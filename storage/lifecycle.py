@@ -180,20 +180,26 @@ def fail_abandoned(session: Session, job_id: str, error_code: str, error_message
     have expired (the reconciler, or a claim, giving up on a job whose workers keep dying).
     False when the job changed meanwhile (it ended, or another worker holds it now)."""
     now = now or utcnow()
-    conditions = [Job.id == job_id, Job.status == "running"]
+    conditions = []
     if owner is not None:
         conditions.append(Job.lease_owner == owner)
     if token is not None:
         conditions += [Job.fencing_token == token, Job.lease_expires_at <= now]
-    if len(conditions) == 2:
+    if not conditions:
         raise ValueError("fail_abandoned needs the owner or the token of the lease it ends")
-    values = dict(status="failed", finished_at=now, lease_owner=None, lease_expires_at=None,
-                  error_code=error_code, error_message=error_message)
-    result = session.execute(update(Job).where(*conditions).values(**values)
-                             .execution_options(synchronize_session=False))
+    return _end_abandoned(session, job_id, "failed", conditions, now, f"{error_code}: {error_message}",
+                          error_code=error_code, error_message=error_message)
+
+
+def _end_abandoned(session: Session, job_id: str, status: str, conditions: list, now: datetime, message: str,
+                   **columns) -> bool:
+    """End a running job meeting ``conditions`` without its lease; False when it changed meanwhile."""
+    values = dict(status=status, finished_at=now, lease_owner=None, lease_expires_at=None, **columns)
+    result = session.execute(update(Job).where(Job.id == job_id, Job.status == "running", *conditions)
+                             .values(**values).execution_options(synchronize_session=False))
     if result.rowcount != 1:
         return False
-    add_event(session, job_id, "transition", status="failed", message=f"{error_code}: {error_message}")
+    add_event(session, job_id, "transition", status=status, message=message)
     return True
 
 
@@ -209,16 +215,10 @@ def cancel_abandoned(session: Session, job: Job, now: datetime | None = None) ->
     """End ``cancelled`` a running job whose cancel was requested and whose worker died (the
     lease granted with its current token expired); False when it changed meanwhile."""
     now = now or utcnow()
-    values = dict(status="cancelled", finished_at=now, lease_owner=None, lease_expires_at=None)
-    result = session.execute(update(Job).where(
-        Job.id == job.id, Job.status == "running", Job.fencing_token == job.fencing_token,
-        Job.cancel_requested.is_(True), Job.lease_expires_at <= now).values(**values)
-        .execution_options(synchronize_session=False))
-    if result.rowcount != 1:
-        return False
-    add_event(session, job.id, "transition", status="cancelled",
-              message=f"cancelled; lease of {job.lease_owner} expired before it stopped")
-    return True
+    return _end_abandoned(session, job.id, "cancelled",
+                          [Job.fencing_token == job.fencing_token, Job.lease_expires_at <= now,
+                           Job.cancel_requested.is_(True)],
+                          now, f"cancelled; lease of {job.lease_owner} expired before it stopped")
 
 
 def fail_unclaimed(session: Session, job: Job, error_code: str, error_message: str) -> None:

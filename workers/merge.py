@@ -101,6 +101,7 @@ def process_merge(session_factory, store, settings, batch_id: str, warm=None, ce
             return batch.status
         tenant_id = batch.tenant_id
     with deliveries.counted(session_factory, Batch, batch_id, settings.db_retry_seconds) as number:
+        given_up = deliveries.given_up(number, settings.job_max_attempts)
         with session_scope(session_factory) as session:
             done = {(sha, layer) for sha, layer in session.execute(
                 select(BatchMerge.model_sha256, BatchMerge.layer).where(BatchMerge.batch_id == batch_id))}
@@ -109,7 +110,7 @@ def process_merge(session_factory, store, settings, batch_id: str, warm=None, ce
         for (base_sha256, layer), plans in groups.items():
             columns = dict(batch_id=batch_id, model_id=plans[0].model.id, model_sha256=base_sha256, layer=layer,
                            rules=len(plans))
-            if deliveries.given_up(number, settings.job_max_attempts):
+            if given_up:
                 columns.update(status="failed", error_code=deliveries.WORKER_LOST,
                                error_message=deliveries.lost_message("the merge", number))
             else:

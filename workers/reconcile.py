@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from celery import shared_task
-from sqlalchemy import or_, select
+from sqlalchemy import select
 
 from storage import lifecycle
 from storage.db import session_scope
@@ -58,6 +58,7 @@ from storage.models import Job, JobEvent, Model, Statistic, StatisticShard, utcn
 from workers.batches import job_ended, sweep
 from workers.celery_app import broker_priority
 from workers.deliveries import not_in_flight
+from workers.statistics import unheld
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +178,7 @@ def _statistics_to_resend(session, now: datetime, grace: timedelta, hard_limit_s
     """Pending or computing statistics that nobody holds a live lease on, unchanged for ``grace``,
     with no ``compute_statistic`` delivery under way."""
     stale = [Statistic.status.in_(("pending", "computing")), Statistic.updated_at <= now - grace,
-             or_(Statistic.lease_expires_at.is_(None), Statistic.lease_expires_at <= now),
+             unheld(Statistic, now),
              not_in_flight(Statistic, now, hard_limit_s)]
     ids = list(session.scalars(select(Statistic.id).where(*stale)))
     if ids:  # sharded statistics: also no shard under a live lease
@@ -203,16 +204,14 @@ def reconcile_once(session_factory, celery, settings, *, all_queued: bool = Fals
     with session_scope(session_factory) as session:
         expired = session.execute(select(*JOB_COLUMNS).where(Job.status == "running",
                                                              Job.lease_expires_at <= now)).all()
-        queued = []
+        queued, models = [], []
         if waiting is not None or all_queued:  # (a long queue is normal: only the columns needed)
             queued = session.execute(select(*JOB_COLUMNS).where(Job.status == "queued",
                                                                 Job.created_at <= now - grace)).all()
-        statistics = _statistics_to_resend(session, now, grace, settings.task_time_limit)
-        models = []
-        if waiting is not None or all_queued:
             models = list(session.scalars(select(Model.id).where(
                 Model.status == "pending", Model.created_at <= now - grace,
                 not_in_flight(Model, now, settings.task_time_limit))))
+        statistics = _statistics_to_resend(session, now, grace, settings.task_time_limit)
         candidates = [job for job in expired + queued if not in_broker(RUN_JOB, job.id)]
         recent = _recently_resent(session, [job.id for job in candidates], now - grace)
 

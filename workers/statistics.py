@@ -176,7 +176,7 @@ def plan_shards(session: Session, stat: Statistic, shard_samples: int,
         return []
     won = session.execute(
         update(Statistic).where(Statistic.id == stat.id, Statistic.shard_count.is_(None), Statistic.status != "ready",
-                                or_(Statistic.lease_expires_at.is_(None), Statistic.lease_expires_at <= now))
+                                unheld(Statistic, now))
         .values(shard_count=len(ranges), status="computing", lease_owner=None, lease_expires_at=None,
                 error=None, updated_at=now)
         .execution_options(synchronize_session=False)).rowcount == 1
@@ -193,6 +193,11 @@ def plan_shards(session: Session, stat: Statistic, shard_samples: int,
 def shards_of(session: Session, statistic_id: str) -> list[StatisticShard]:
     return list(session.scalars(select(StatisticShard).where(StatisticShard.statistic_id == statistic_id)
                                 .order_by(StatisticShard.number).execution_options(populate_existing=True)))
+
+
+def unheld(table, now: datetime):
+    """A ``where`` condition: no live lease on the row (``Statistic`` or ``StatisticShard``)."""
+    return or_(table.lease_expires_at.is_(None), table.lease_expires_at <= now)
 
 
 def _open(shard: StatisticShard, now: datetime) -> bool:
@@ -475,8 +480,7 @@ def _fail_unheld(session: Session, statistic_id: str, error: str) -> None:
     """Record ``error`` on a statistic (``failed``) unless it is ready or a live lease holds it."""
     now = utcnow()
     session.execute(update(Statistic).where(Statistic.id == statistic_id, Statistic.status != "ready",
-                                            or_(Statistic.lease_expires_at.is_(None),
-                                                Statistic.lease_expires_at <= now))
+                                            unheld(Statistic, now))
                     .values(status="failed", error=error, updated_at=now)
                     .execution_options(synchronize_session=False))
 
@@ -534,8 +538,7 @@ def give_up_shard(session: Session, shard: StatisticShard, max_attempts: int) ->
              f"(at most {max_attempts}); last: {shard.error or 'its worker died'}")
     result = session.execute(update(StatisticShard).where(
         StatisticShard.id == shard.id, StatisticShard.fencing_token == shard.fencing_token,
-        StatisticShard.status != "ready",
-        or_(StatisticShard.lease_expires_at.is_(None), StatisticShard.lease_expires_at <= now))
+        StatisticShard.status != "ready", unheld(StatisticShard, now))
         .values(status="failed", error=error, lease_owner=None, lease_expires_at=None, updated_at=now)
         .execution_options(synchronize_session=False))
     if result.rowcount != 1:
@@ -579,8 +582,6 @@ def process_shard(session_factory, store, settings, shard_id: str, owner: str | 
                     key, _ = checkpoint_for(session, stat.model_sha256)
                 except StatisticUnavailable as e:
                     unavailable = e
-        if step.action == "shard":  # renewed from now on, also while the checkpoint loads
-            heartbeat.hold_statistic(step.shard.id, step.token)
         if step.action == "merge":
             merged = merge_shards(session_factory, store, cache, stat.id, step.token, heartbeat,
                                   settings.db_retry_seconds)
@@ -588,6 +589,7 @@ def process_shard(session_factory, store, settings, shard_id: str, owner: str | 
         if step.action != "shard":  # ready, or every open shard is held (a whole statistic is not ours)
             return None
         shard = step.shard
+        heartbeat.hold_statistic(shard.id, step.token)  # renewed from now on, also while the checkpoint loads
         if unavailable is not None:
             with session_scope(session_factory) as session:
                 release_statistic(session, shard.id, step.token, error=str(unavailable))
