@@ -14,6 +14,7 @@ import re
 import secrets
 
 from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from api.errors import Unauthorized
@@ -37,13 +38,15 @@ def new_key() -> tuple[str, str]:
 def create_key(session: Session, tenant_name: str, key_name: str | None = None) -> tuple[str, ApiKey]:
     """Add a key for the tenant called ``tenant_name`` (made if missing); return the clear
     key, which is not kept anywhere, and its row. The caller commits."""
-    tenant = session.scalars(
-        select(Tenant).where(Tenant.name == tenant_name).order_by(Tenant.created_at, Tenant.id)
-    ).first()
+    tenant = session.scalars(select(Tenant).where(Tenant.name == tenant_name)).first()
     if tenant is None:
-        tenant = Tenant(name=tenant_name)
-        session.add(tenant)
-        session.flush()
+        try:
+            with session.begin_nested():
+                tenant = Tenant(name=tenant_name)
+                session.add(tenant)
+        except IntegrityError:
+            # Another ``keys create`` made the tenant since our select (names are unique).
+            tenant = session.scalars(select(Tenant).where(Tenant.name == tenant_name)).one()
     key, prefix = new_key()
     row = ApiKey(tenant_id=tenant.id, name=key_name, prefix=prefix, key_sha256=key_sha256(key))
     session.add(row)

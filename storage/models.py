@@ -104,10 +104,12 @@ class Base(DeclarativeBase):
 
 
 class Tenant(Base):
+    """A tenant; ``palimpsest keys create --tenant NAME`` finds it by its unique name."""
+
     __tablename__ = "tenants"
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("ten"))
-    name: Mapped[str] = mapped_column(String(200))
+    name: Mapped[str] = mapped_column(String(200), unique=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

@@ -1,5 +1,6 @@
 """The job lifecycle on SQLite and PostgreSQL: legal transitions only, leases with
 fencing so a stale worker cannot write, cancel in each state, events in order."""
+import secrets
 from datetime import timedelta
 
 import pytest
@@ -14,7 +15,7 @@ from storage.models import Job, JobEvent, Model, Tenant, utcnow
 @pytest.fixture
 def job_id(session_factory):
     with session_scope(session_factory) as s:
-        tenant = Tenant(name="acme")
+        tenant = Tenant(name=f"acme-{secrets.token_hex(4)}")
         s.add(tenant)
         s.flush()
         model = Model(name="demo", architecture="demo-gan", sha256="0" * 64, size=1, object_key="m")

@@ -70,7 +70,7 @@ def test_migrations_name_every_constraint(empty_url):
         foreign = {f["name"] for t in TABLES for f in inspector.get_foreign_keys(t)}
     finally:
         engine.dispose()
-    assert {"uq_jobs_tenant_id_idempotency_key", "uq_statistics_model_sha256_layer_sample_spec",
+    assert {"uq_jobs_tenant_id_idempotency_key", "uq_statistics_model_sha256_layer_sample_spec", "uq_tenants_name",
             "uq_job_events_job_id_seq", "uq_artifacts_job_id_name"} <= uniques
     assert None not in uniques and None not in foreign
 

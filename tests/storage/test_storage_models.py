@@ -1,5 +1,6 @@
 """The schema's guarantees, on SQLite and PostgreSQL: unique keys that make concurrent
 submissions converge, checks, foreign keys, cascades, UTC timestamps, fencing."""
+import secrets
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -25,7 +26,7 @@ SHA = "0" * 64
 @pytest.fixture
 def tenant_and_model(session_factory):
     with session_scope(session_factory) as s:
-        tenant = Tenant(name="acme")
+        tenant = Tenant(name=f"acme-{secrets.token_hex(4)}")
         s.add(tenant)
         s.flush()
         model = Model(tenant_id=None, name="demo", architecture="demo-gan", sha256=SHA,
@@ -74,7 +75,7 @@ def test_idempotency_key_is_unique_per_tenant(session_factory, tenant_and_model)
             s.add(make_job(tenant_and_model, idempotency_key="abc", request_hash="h2"))
     # the same key in another tenant is a different request
     with session_scope(session_factory) as s:
-        other = Tenant(name="other")
+        other = Tenant(name=f"other-{secrets.token_hex(4)}")
         s.add(other)
         s.flush()
         s.add(make_job((other.id, tenant_and_model[1]), idempotency_key="abc"))

@@ -73,8 +73,9 @@ class World:
     tmp_path: object
 
     def tenant(self, name="acme") -> str:
+        """A new tenant: ``name`` and a random suffix (names are unique, databases shared)."""
         with session_scope(self.session_factory) as session:
-            tenant = Tenant(name=name)
+            tenant = Tenant(name=f"{name}-{secrets.token_hex(4)}")
             session.add(tenant)
             session.flush()
             return tenant.id

@@ -5,6 +5,7 @@ merge, cancel, failure, the job_ended hook, concurrent workers, and the sweep.
 Tasks are sent through ``Sent``, a stand-in for the Celery app's ``send_task`` that
 records (name, id): what reaches a real broker is tested in tests/api/test_batches.py
 and tests/integration/test_batches_e2e.py."""
+import secrets
 import threading
 from datetime import timedelta
 
@@ -54,7 +55,7 @@ def sent(session_factory):
 
 def make_batch(session_factory, n=3, merge=False, webhook=HOOK, status="in_progress", job_webhook=None):
     with session_scope(session_factory) as session:
-        tenant = Tenant(name="acme")
+        tenant = Tenant(name=f"acme-{secrets.token_hex(4)}")
         session.add(tenant)
         session.flush()
         model = Model(tenant_id=tenant.id, name="m", architecture="demo-gan", sha256="0" * 64, size=1,

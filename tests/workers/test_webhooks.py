@@ -2,6 +2,7 @@
 HTTP server on 127.0.0.1 (retries with backoff on 5xx, no redirects followed, a host off
 the list never contacted), then once through a real worker's Celery retries."""
 import json
+import secrets
 import time
 
 import pytest
@@ -94,7 +95,7 @@ def settings_for(tmp_path, hosts=("127.0.0.1",), **overrides):
 def finished_job(session_factory, url) -> tuple[str, str]:
     """A succeeded job with an artifact, and its queued job.completed delivery: (job id, delivery id)."""
     with session_scope(session_factory) as session:
-        tenant = Tenant(name="acme")
+        tenant = Tenant(name=f"acme-{secrets.token_hex(4)}")
         session.add(tenant)
         session.flush()
         model = Model(tenant_id=tenant.id, name="m", architecture="demo-gan", sha256="0" * 64, size=1,
@@ -208,7 +209,7 @@ def test_an_unreachable_receiver_is_retried(session_factory, tmp_path):
 def test_the_batch_notice_carries_the_batch(session_factory, tmp_path):
     with Receiver([200]) as receiver:
         with session_scope(session_factory) as session:
-            tenant = Tenant(name="acme")
+            tenant = Tenant(name=f"acme-{secrets.token_hex(4)}")
             session.add(tenant)
             session.flush()
             batch = Batch(tenant_id=tenant.id, status="completed", total_count=2, succeeded_count=1,
