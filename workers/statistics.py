@@ -485,6 +485,23 @@ def _fail_unheld(session: Session, statistic_id: str, error: str) -> None:
                     .execution_options(synchronize_session=False))
 
 
+def _give_up(session_factory, statistic_id: str, error: str) -> None:
+    """Fail a statistic whose deliveries died. The last dead one left its lease on the row,
+    live until it expires: wait that out (at most a lease), then fail it. A lease renewed
+    meanwhile has a live holder (a job computing the statistic): leave it to that one."""
+    seen = None
+    while True:
+        with session_scope(session_factory) as session:
+            expires = session.scalar(select(Statistic.lease_expires_at).where(Statistic.id == statistic_id))
+            if seen is not None and expires is not None and expires > seen:
+                return
+            if expires is None or expires <= utcnow():
+                _fail_unheld(session, statistic_id, error)
+                return
+        seen = expires
+        time.sleep((expires - utcnow()).total_seconds() + 0.1)
+
+
 def process_statistic(session_factory, store, settings, statistic_id: str, owner: str | None = None,
                       warm=None, send_shard=None) -> str | None:
     """The body of ``compute_statistic``: make the statistic ready (or find it ready).
@@ -506,8 +523,7 @@ def process_statistic(session_factory, store, settings, statistic_id: str, owner
             return "ready"
     with deliveries.counted(session_factory, Statistic, statistic_id, settings.db_retry_seconds) as number:
         if deliveries.given_up(number, settings.job_max_attempts):
-            with session_scope(session_factory) as session:
-                _fail_unheld(session, statistic_id, deliveries.lost_message("compute_statistic", number))
+            _give_up(session_factory, statistic_id, deliveries.lost_message("compute_statistic", number))
             return _read_statistic(session_factory, statistic_id, settings.db_retry_seconds).status
         try:
             with session_scope(session_factory) as session:

@@ -2,6 +2,7 @@
 forever (workers/deliveries.py): inspect_model, compute_statistic, compute_shard and
 merge_batch, called as task bodies against SQLite and PostgreSQL. A worker that died in a
 delivery leaves what it leaves in the database: its delivery counted and never ended."""
+import threading
 from dataclasses import replace
 from datetime import timedelta
 
@@ -139,6 +140,39 @@ def test_a_statistic_whose_computation_kills_workers_fails_worker_lost(world, ti
     stat = get(world, Statistic, stat_id)
     assert stat.error.startswith("worker_lost: compute_statistic was delivered 3 times")
     assert stat.fencing_token == 0  # never computed
+
+
+def leased(world, stat_id, seconds):
+    """The lease a worker holding the statistic leaves, expiring ``seconds`` from now."""
+    with session_scope(world.session_factory) as session:
+        session.execute(update(Statistic).where(Statistic.id == stat_id).values(
+            status="computing", lease_owner="dead:1", fencing_token=1,
+            lease_expires_at=utcnow() + timedelta(seconds=seconds)))
+
+
+def test_giving_up_a_statistic_waits_out_the_dead_deliverys_lease(world, tiny_model):  # noqa: F811
+    """The last dead delivery held the statistic's lease: the one that gives up waits for it
+    to lapse rather than leave the statistic ``computing`` under a dead holder."""
+    stat_id, _ = new_statistic(world, tiny_model.model_id)
+    dead_deliveries(world, Statistic, stat_id, world.settings.job_max_attempts)
+    leased(world, stat_id, 1.0)
+    assert process_statistic(world.session_factory, world.store, world.settings, stat_id) == "failed"
+    assert get(world, Statistic, stat_id).error.startswith("worker_lost: compute_statistic")
+
+
+def test_giving_up_a_statistic_leaves_it_to_a_live_holder(world, tiny_model):  # noqa: F811
+    """A lease renewed while the giving-up delivery waits has a live holder (a job
+    computing the statistic): the statistic is left to it."""
+    stat_id, _ = new_statistic(world, tiny_model.model_id)
+    dead_deliveries(world, Statistic, stat_id, world.settings.job_max_attempts)
+    leased(world, stat_id, 1.0)
+    renew = threading.Timer(0.5, leased, (world, stat_id, 60))
+    renew.start()
+    try:
+        assert process_statistic(world.session_factory, world.store, world.settings, stat_id) == "computing"
+    finally:
+        renew.join()
+    assert get(world, Statistic, stat_id).error is None
 
 
 def test_a_shard_claimed_too_often_fails_worker_lost(world, tmp_path, tiny_model):  # noqa: F811
