@@ -9,18 +9,22 @@ process survives and rejects the message back to the queue
   reconciler re-sends it once the lease expires, and the claim past the cap fails it
   ``worker_lost``.
 
+- ``inspect_model``: like ``compute_statistic``; the model fails ``worker_lost: ...``.
+- ``merge_batch``: the delivery past the cap records each group left failed
+  ``worker_lost`` and completes the batch.
+
 Real processes: a PostgreSQL database and a Redis of the tests' own, `palimpsest serve`,
 `palimpsest beat`, one `palimpsest worker` (prefork, one child) whose pool child the tests
-SIGKILL in each delivery, once the work is under way. ``inspect_model`` and
-``merge_batch`` count their deliveries through the same ``deliveries.counted``;
-tests/workers/test_deliveries.py covers each on the rows dead deliveries leave.
+SIGKILL in each delivery, once the work is under way. tests/workers/test_deliveries.py
+covers each task on the rows dead deliveries leave.
 """
+import copy
 import json
 import signal
 
 import pytest
 
-from faults import DEMO_REQUEST, Service, fault_stack
+from faults import DEMO_REQUEST, QUICK, Service, fault_stack
 from stack import wait_until
 
 pytestmark = pytest.mark.integration
@@ -46,12 +50,16 @@ def read(service, table, row_id):
 
 
 def kill_the_child_holding(service, table, row_id, under_way):
-    """SIGKILL the worker's pool child once ``under_way(row)`` and the row's lease names
-    that child (``host:pid``); the child's pid."""
+    """SIGKILL the worker's pool child once ``under_way(row)`` and that child runs the row's
+    task; the child's pid. A row with a lease names its holder (``host:pid``); a model or a
+    batch has none, and then the worker's one pool child (concurrency 1) is the one running
+    the delivery that ``under_way`` saw started and not ended (``delivered_at``)."""
     worker = service.workers[0]
 
     def holding_child():
         row, children = read(service, table, row_id), {p.pid: p for p in worker.tree()[1:]}
+        if not hasattr(row, "lease_owner"):
+            return next(iter(children.values())) if under_way(row) and len(children) == 1 else None
         owner_pid = int(row.lease_owner.rsplit(":", 1)[1]) if row.lease_owner else None
         return children[owner_pid] if under_way(row) and owner_pid in children else None
 
@@ -98,3 +106,87 @@ def test_a_job_that_kills_its_worker_each_time_fails_worker_lost(service):
     transitions = [e for e in service.events(job_id) if e.kind == "transition"]
     assert [e.status for e in transitions] == ["queued", "running", "running", "failed"]
     assert service.client.job(job_id)["error"]["code"] == "worker_lost"
+
+
+def delivery_under_way(n):
+    """A model's or a batch's delivery ``n`` has started and not ended (``workers/deliveries.py``)."""
+    return lambda row: row.delivered_at is not None and row.deliveries == n
+
+
+def test_an_inspection_that_kills_its_worker_each_time_fails_the_model(service, tmp_path):
+    import torch
+
+    from demo.generator import Generator
+    from rewriting.checkpoint import save_model
+    from storage.models import Model
+
+    # A 512x512 generator: a 23 MB file whose inspection (one forward pass at full
+    # resolution, workers.models.inspect_file) takes seconds, so the kill lands inside it.
+    config = {"z_dim": 128, "resolution": 512, "channels": [256, 256, 256, 128, 128, 128, 128, 128]}
+    torch.manual_seed(0)
+    save_model(Generator(**config).eval(), tmp_path / "large.safetensors", "demo-gan", config)
+    worker = service.workers[0]
+    lost_before = worker.log().count("WorkerLostError")
+    model_id = service.client.upload_model(tmp_path / "large.safetensors", name="large")["id"]
+    killed = [kill_the_child_holding(service, Model, model_id,
+                                     lambda m, n=n: m.status == "pending" and delivery_under_way(n)(m))
+              for n in range(1, MAX_ATTEMPTS + 1)]
+
+    final = wait_until(lambda: (m := read(service, Model, model_id)).status != "pending" and m, 120,
+                       what="the model given up")
+    assert (final.status, final.deliveries, final.delivered_at) == ("failed", MAX_ATTEMPTS + 1, None)
+    assert final.error.startswith("worker_lost: its inspection was delivered 2 times without ending")
+    assert not final.layers  # never inspected to the end
+    assert worker.alive() and len(set(killed)) == MAX_ATTEMPTS
+    assert worker.log().count("WorkerLostError") - lost_before >= MAX_ATTEMPTS
+    shown = service.client.request("GET", f"/v1/models/{model_id}").json()
+    assert shown["status"] == "failed" and shown["error"].startswith("worker_lost")
+
+
+def test_a_merge_that_kills_its_worker_each_time_completes_its_batch(service, tmp_path):
+    from sqlalchemy import select
+
+    from storage.models import Batch, BatchMerge
+
+    def merges():
+        with service.session() as session:
+            return session.scalars(select(BatchMerge).where(BatchMerge.batch_id == batch_id)
+                                   .order_by(BatchMerge.created_at)).all()
+
+    # Two groups: two rules at the demo's layer, one at another. Each delivery is killed
+    # once one group is merged, inside the other's merge, so the delivery that gives up
+    # finds one group left.
+    request = json.loads(DEMO_REQUEST.read_text())
+    layer = request.pop("layer")
+    other = copy.deepcopy(request)
+    other["paste"]["seed"] = other["context"][0]["seed"] = 7
+    # A merge optimizes for the most steps any of its members asked for, every one of
+    # them (no plateau stop): seconds, so the kill lands inside it.
+    params = {**QUICK, "steps": 1000, "plateau_patience": 0}
+    lines = [{"custom_id": f"rule-{i}", "model": service.model_id, "layer": at, "request": r, "params": params}
+             for i, (at, r) in enumerate([(layer, request), (layer, other), ("layer5", request)])]
+    (tmp_path / "edits.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    worker = service.workers[0]
+    lost_before = worker.log().count("WorkerLostError")
+    batch_id = service.client.submit_batch(tmp_path / "edits.jsonl", merge=True)["id"]
+    killed = [kill_the_child_holding(service, Batch, batch_id,
+                                     lambda b, n=n: b.status == "finalizing" and delivery_under_way(n)(b)
+                                     and len(merges()) == 1)
+              for n in range(1, MAX_ATTEMPTS + 1)]
+    (merged,) = merges()  # by the first delivery, before its kill
+
+    final = wait_until(lambda: (b := read(service, Batch, batch_id)).status != "finalizing" and b, 120,
+                       what="the batch completed")
+    assert (final.status, final.deliveries, final.delivered_at) == ("completed", MAX_ATTEMPTS + 1, None)
+    assert (final.succeeded_count, final.failed_count) == (3, 0)
+    done, left = merges()
+    assert (done.id, done.status, done.error_code) == (merged.id, "succeeded", None) and done.checkpoint_object_key
+    assert {done.layer, left.layer} == {layer, "layer5"} and left.rules == {layer: 2, "layer5": 1}[left.layer]
+    assert (left.status, left.error_code, left.checkpoint_object_key) == ("failed", "worker_lost", None)
+    assert left.error_message.startswith("worker_lost: the merge was delivered 2 times without ending")
+    assert worker.alive() and len(set(killed)) == MAX_ATTEMPTS
+    assert worker.log().count("WorkerLostError") - lost_before >= MAX_ATTEMPTS
+    shown = service.client.batch(batch_id)
+    assert shown["status"] == "completed" and shown["request_counts"]["succeeded"] == 3
+    assert [(m["status"], m["error"] and m["error"]["code"]) for m in shown["merges"]] == [
+        ("succeeded", None), ("failed", "worker_lost")]
