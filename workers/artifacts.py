@@ -13,6 +13,7 @@ import hashlib
 import io
 import os
 import tempfile
+import time
 from pathlib import Path
 
 from storage.objects import CHUNK_SIZE, StoredObject, content_key, copy_hashed
@@ -61,23 +62,29 @@ def cache_dir(data_dir) -> Path:
     return path
 
 
-def prune_cache(cache: Path, max_bytes: int) -> list[Path]:
+def prune_cache(cache: Path, max_bytes: int, stale_partial_s: float) -> list[Path]:
     """Delete the least recently used files (by modification time, which ``fetch`` refreshes
-    on a hit) until ``cache`` holds at most ``max_bytes``; 0 keeps everything. Downloads in
-    progress (``.partial-*``) are left alone. Returns what was deleted."""
-    if max_bytes <= 0:
-        return []
-    files = []
+    on a hit) until ``cache`` holds at most ``max_bytes``; 0 keeps everything. A download
+    in progress (``.partial-*``) is left alone, but one not written for ``stale_partial_s``
+    (the hard time limit: no task lives longer) was left by a killed process and is
+    deleted whatever ``max_bytes`` says. Returns what was deleted."""
+    files, deleted = [], []
     with os.scandir(cache) as entries:
         for entry in entries:
-            if entry.is_file(follow_symlinks=False) and not entry.name.startswith(".partial-"):
-                try:
-                    stat = entry.stat(follow_symlinks=False)
-                except FileNotFoundError:  # pruned by another process meanwhile
-                    continue
+            if not entry.is_file(follow_symlinks=False):
+                continue
+            try:
+                stat = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:  # pruned by another process meanwhile
+                continue
+            if not entry.name.startswith(".partial-"):
                 files.append((stat.st_mtime, stat.st_size, Path(entry.path)))
+            elif stat.st_mtime < time.time() - stale_partial_s:
+                Path(entry.path).unlink(missing_ok=True)
+                deleted.append(Path(entry.path))
+    if max_bytes <= 0:
+        return deleted
     total = sum(size for _, size, _ in files)
-    deleted = []
     for _, size, path in sorted(files):
         if total <= max_bytes:
             break

@@ -21,13 +21,16 @@ Queues: ``gpu`` (rewriting jobs; one worker process per GPU) and ``cpu``
   ``PALIMPSEST_BROKER_VISIBILITY_TIMEOUT`` (default 7200 s > 3900 s hard limit).
   kombu's SQLAlchemy transport passes transport options to ``create_engine``, so
   none are set for the embedded broker.
+- Shutdown: SIGTERM gives a warm shutdown, which waits for the running task. A job
+  hands itself back after ``PALIMPSEST_WORKER_SHUTDOWN_GRACE_SECONDS`` instead
+  (``PalimpsestCelery.shutdown_notice``, ``announce_shutdown``; docs/workers.md, Shutdown).
 """
 import logging
 from dataclasses import fields
 from functools import cached_property
 from pathlib import Path
 
-from celery import Celery, Task
+from celery import Celery, Task, current_app, signals
 from kombu import Exchange, Queue
 
 from palimpsest.config import Settings
@@ -62,7 +65,8 @@ class PalimpsestTask(Task):
 
         settings = self.app.settings
         try:
-            deleted = prune_cache(cache_dir(settings.data_dir), settings.cache_disk_mb * 1024**2)
+            deleted = prune_cache(cache_dir(settings.data_dir), settings.cache_disk_mb * 1024**2,
+                                  stale_partial_s=settings.task_time_limit)
         except OSError:  # a full or read-only disk must not fail the task that just ended
             log.warning("could not prune the disk cache", exc_info=True)
             return
@@ -78,8 +82,12 @@ class PalimpsestCelery(Celery):
     """
 
     def __init__(self, settings: Settings, **kwargs):
+        from workers.heartbeat import ShutdownNotice
+
         super().__init__(**kwargs)
         self.settings = settings
+        # made here, in the worker's main process before its pool forks: the children share it
+        self.shutdown_notice = ShutdownNotice()
 
     @cached_property
     def store(self):
@@ -99,6 +107,16 @@ class PalimpsestCelery(Celery):
         from workers.cache import WorkerCache
 
         return WorkerCache.from_settings(self.settings)
+
+
+@signals.worker_shutting_down.connect
+def announce_shutdown(sender=None, sig=None, how=None, **kwargs):
+    """In the worker's main process, from its signal handler (SIGTERM, SIGINT, SIGQUIT): tell
+    the pool processes, whose jobs hand themselves back after the grace period. The signal
+    names the worker's host name only; the app is the process's current one (the worker's)."""
+    notice = getattr(current_app._get_current_object(), "shutdown_notice", None)
+    if notice is not None:
+        notice.announce()
 
 
 MAX_PRIORITY = 9

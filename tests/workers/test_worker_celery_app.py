@@ -94,11 +94,27 @@ def test_the_disk_cache_is_pruned_least_recently_used_first(tmp_path):
         path.write_bytes(b"x" * 1000)
         os.utime(path, (1_000_000 - age * 100, 1_000_000 - age * 100))
     (tmp_path / ".partial-download").write_bytes(b"x" * 5000)  # a download in progress: never pruned
-    assert prune_cache(tmp_path, 0) == []  # 0: unbounded
-    assert prune_cache(tmp_path, 2500) == [tmp_path / "old.safetensors"]
-    assert prune_cache(tmp_path, 2500) == []
-    assert prune_cache(tmp_path, 1) == [tmp_path / "middle.safetensors", tmp_path / "new.safetensors"]
+    assert prune_cache(tmp_path, 0, 3600) == []  # 0: unbounded
+    assert prune_cache(tmp_path, 2500, 3600) == [tmp_path / "old.safetensors"]
+    assert prune_cache(tmp_path, 2500, 3600) == []
+    assert prune_cache(tmp_path, 1, 3600) == [tmp_path / "middle.safetensors", tmp_path / "new.safetensors"]
     assert [p.name for p in tmp_path.iterdir()] == [".partial-download"]
+
+
+def test_a_download_left_by_a_killed_process_is_pruned(tmp_path):
+    """A ``.partial-*`` file not written for longer than any task lives belongs to no
+    download: it is deleted, even with an unbounded cache; a fresh one is kept."""
+    import os
+    import time
+
+    from workers.artifacts import prune_cache
+
+    stale, fresh = tmp_path / ".partial-killed", tmp_path / ".partial-running"
+    stale.write_bytes(b"x" * 5000)
+    fresh.write_bytes(b"x" * 5000)
+    os.utime(stale, (time.time() - 4000, time.time() - 4000))
+    assert prune_cache(tmp_path, 0, 3600) == [stale]
+    assert [p.name for p in tmp_path.iterdir()] == [".partial-running"]
 
 
 def test_a_cache_hit_counts_as_a_use_and_every_task_prunes(tmp_path):
