@@ -63,6 +63,10 @@ class Settings:
     # Workers retry a database write (and an object store upload) with backoff for this long.
     db_retry_seconds: int = 60
     storage_retry_seconds: int = 120
+    # Workers: once a worker is told to stop (SIGTERM: a deploy, a pod eviction), a job it runs may go on
+    # this long; then it stops between steps, releases its lease and is queued again for another worker
+    # (docs/workers.md, Shutdown). Well under an orchestrator's grace period (30 s in Kubernetes).
+    worker_shutdown_grace_seconds: int = 10
     # Fault injection for the reliability tests only: workers pause this long at the start of the
     # uploading phase (0, the default, does nothing).
     test_slow_upload_seconds: int = 0
@@ -129,6 +133,7 @@ def load_settings(environ=None, **overrides) -> Settings:
         job_max_attempts=_positive_int(env, "PALIMPSEST_JOB_MAX_ATTEMPTS", 3),
         db_retry_seconds=_count(env, "PALIMPSEST_DB_RETRY_SECONDS", 60),
         storage_retry_seconds=_count(env, "PALIMPSEST_STORAGE_RETRY_SECONDS", 120),
+        worker_shutdown_grace_seconds=_count(env, "PALIMPSEST_WORKER_SHUTDOWN_GRACE_SECONDS", 10),
         test_slow_upload_seconds=_count(env, "PALIMPSEST_TEST_SLOW_UPLOAD_SECONDS", 0),
     )
     settings = replace(settings, **overrides)

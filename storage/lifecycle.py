@@ -2,6 +2,7 @@
 
     queued -> running -> succeeded | failed | cancelled
     queued -> cancelled | failed
+    running -> queued          (``release``: its worker was stopping and handed it back)
 
 Every change is a compare-and-set ``UPDATE ... WHERE`` on the row (status, and for a
 worker its ``fencing_token``), written in the caller's transaction together with the
@@ -24,7 +25,7 @@ from storage.models import JOB_PHASES, JOB_TERMINAL_STATUSES, Job, JobEvent, new
 
 ALLOWED = {
     "queued": {"running", "cancelled", "failed"},
-    "running": {"succeeded", "failed", "cancelled"},
+    "running": {"queued", "succeeded", "failed", "cancelled"},
     "succeeded": set(),
     "failed": set(),
     "cancelled": set(),
@@ -159,6 +160,8 @@ def report_progress(session: Session, lease: Lease, phase: str, step: int | None
 def finish(session: Session, lease: Lease, status: str, *, error_code: str | None = None,
            error_message: str | None = None, metrics: dict | None = None, now: datetime | None = None) -> None:
     """End a running job the lease holder ran: succeeded, failed or cancelled."""
+    if status not in JOB_TERMINAL_STATUSES:  # back to the queue is ``release``
+        raise IllegalTransition(lease.job_id, "running", status)
     _check(lease.job_id, "running", status)
     now = now or utcnow()
     values = dict(status=status, finished_at=now, lease_owner=None, lease_expires_at=None,
@@ -169,6 +172,22 @@ def finish(session: Session, lease: Lease, status: str, *, error_code: str | Non
         raise LeaseLost(lease.job_id)
     add_event(session, lease.job_id, "transition", status=status,
               message=f"{error_code}: {error_message}" if error_code else None)
+
+
+def release(session: Session, lease: Lease, reason: str) -> None:
+    """Hand a running job back to the queue: its worker is stopping (a deploy) and will not
+    end it. The lease is cleared, so the next delivery claims the job at once instead of
+    waiting for the lease to expire; the claim takes a new fencing token, and this lease's
+    writes match no row from now on (the job is no longer running). The claim is given
+    back too (``attempts``): an orderly hand-back is not a worker death, so it does not
+    count towards ``max_attempts``. Raises ``LeaseLost`` when the job is no longer ours.
+    The caller sends the task again once this is committed."""
+    _check(lease.job_id, "running", "queued")
+    values = dict(status="queued", phase=None, progress_step=None, progress_total=None, progress_loss=None,
+                  lease_owner=None, lease_expires_at=None, heartbeat_at=None, attempts=Job.attempts - 1)
+    if not _compare_and_set(session, lease.job_id, {"status": "running", "fencing_token": lease.token}, values):
+        raise LeaseLost(lease.job_id)
+    add_event(session, lease.job_id, "transition", status="queued", message=f"released by {lease.owner}: {reason}")
 
 
 def fail_abandoned(session: Session, job_id: str, error_code: str, error_message: str, *,

@@ -8,11 +8,15 @@ and the statistic's lease this worker holds, if any. In between, once a ``poll``
 second; the work polls ``should_stop()`` between steps and batches.
 
 A lost lease (another worker took the job over after ours expired) sets ``job_lost``;
-the work then stops and writes nothing more. Database errors in the thread are logged
+the work then stops and writes nothing more. A worker that is stopping (``ShutdownNotice``,
+past its grace: ``handback``) sets ``handing_back``; the work stops the same way and the
+job is released to the queue (docs/workers.md, Shutdown). Database errors in the thread are logged
 and retried at the next beat: if they last longer than the lease, the lease expires and
 the fencing token keeps a late write of ours from landing.
 """
+import ctypes
 import logging
+import multiprocessing
 import os
 import socket
 import threading
@@ -32,21 +36,52 @@ def worker_name(pid: int | None = None) -> str:
     return f"{socket.gethostname()}:{pid or os.getpid()}"
 
 
+class ShutdownNotice:
+    """"This worker is stopping", from its main process to its pool processes.
+
+    Celery tells only the main process that it must stop (SIGTERM starts a warm shutdown
+    there, ``worker_shutting_down``); the pool process running a task would go on until the
+    task ends. The notice is shared memory mapped before the pool forks, so every pool
+    process (also one forked later) reads what the main process wrote: the ``monotonic``
+    time it began to stop (one system-wide clock on Linux), 0 until then. One store of a
+    double: safe from a signal handler, nothing to lock."""
+
+    def __init__(self):
+        self._since = multiprocessing.RawValue(ctypes.c_double, 0.0)
+
+    def announce(self) -> None:
+        if not self._since.value:  # the first signal starts the clock; a second does not restart it
+            self._since.value = time.monotonic()
+
+    def stopping_for(self) -> float | None:
+        """Seconds since the worker began to stop; None while it is not stopping."""
+        since = self._since.value
+        return time.monotonic() - since if since else None
+
+    def past(self, grace: float) -> bool:
+        """Whether the worker has been stopping for at least ``grace`` seconds."""
+        stopping = self.stopping_for()
+        return stopping is not None and stopping >= grace
+
+
 class Heartbeat:
     """``with Heartbeat(session_factory, ttl, job_lease) as hb:`` renews until the block ends.
 
     ``job_lease`` (a ``lifecycle.Lease``) may be None, for work that is not a job (a
-    statistic precomputed on request). Flags: ``cancel_requested``, ``job_lost``,
-    ``statistic_lost``.
+    statistic precomputed on request). ``handback``: a predicate, read once a ``poll``, that
+    says the job must be handed back (the worker is stopping). Flags: ``cancel_requested``,
+    ``job_lost``, ``handing_back``, ``statistic_lost``.
     """
 
-    def __init__(self, session_factory, ttl: float, job_lease=None, poll: float = 1.0):
+    def __init__(self, session_factory, ttl: float, job_lease=None, poll: float = 1.0, handback=None):
         self.session_factory = session_factory
         self.ttl = ttl
         self.job_lease = job_lease
         self.poll = min(poll, ttl / 3)
         self.cancel_requested = False
         self.job_lost = False
+        self.handback = handback
+        self.handing_back = False
         self.statistic_lost = False
         self._statistic = None  # (id, token) of the statistic lease held, if any
         self._lock = threading.Lock()
@@ -54,8 +89,8 @@ class Heartbeat:
         self._thread = threading.Thread(target=self._run, name="palimpsest-heartbeat", daemon=True)
 
     def should_stop(self) -> bool:
-        """True once the job was cancelled or its lease lost."""
-        return self.cancel_requested or self.job_lost
+        """True once the job was cancelled, its lease lost, or it is being handed back."""
+        return self.cancel_requested or self.job_lost or self.handing_back
 
     def hold_statistic(self, statistic_id: str, token: int) -> None:
         with self._lock:
@@ -90,6 +125,9 @@ class Heartbeat:
     def _run(self) -> None:
         next_renewal = time.monotonic() + self.ttl / 3
         while not self._stopped.wait(self.poll):
+            # before the beat: a database that is away must not delay the hand-back
+            if self.handback is not None and not self.handing_back and self.handback():
+                self.handing_back = True
             now = time.monotonic()
             renew = now >= next_renewal
             try:

@@ -28,6 +28,10 @@ soft time limit; or the hard one, recorded by the worker's parent process: ``Job
 ``worker_lost`` (its workers died ``PALIMPSEST_JOB_MAX_ATTEMPTS`` times: ``storage.lifecycle.claim``
 and the reconciler), or ``internal_error`` (a bug: also raised, so Celery logs it). A cancel
 ends it ``cancelled``; a lost lease stops it without writing anything.
+A worker that is stopping (SIGTERM) lets the job run for
+``PALIMPSEST_WORKER_SHUTDOWN_GRACE_SECONDS``, then stops it between steps, releases it
+(``queued`` again, ``storage.lifecycle.release``) and sends the task again, so that another
+worker takes it at once (docs/workers.md, Shutdown).
 
 Faults (docs/reliability.md): database writes are retried with backoff for
 ``PALIMPSEST_DB_RETRY_SECONDS`` and uploads for ``PALIMPSEST_STORAGE_RETRY_SECONDS``
@@ -150,12 +154,16 @@ def plan_job(session, job_id: str, default_samples: int) -> Plan:
 
 
 def process_job(session_factory, store, settings, job_id: str, owner: str | None = None, warm=None,
-                send_shard=None) -> str | None:
-    """The body of ``run_job``: run the job if this worker may; its final status, or None
-    when this delivery did nothing (finished, cancelled before it ran, running elsewhere,
-    or the lease was lost on the way). ``warm``: the worker's ``workers.cache.WorkerCache``
-    (None: load everything afresh); ``send_shard``: sends a statistic shard's task."""
+                send_shard=None, shutdown=None) -> str | None:
+    """The body of ``run_job``: run the job if this worker may; its final status, ``queued``
+    when it was handed back (the caller sends the task again), or None when this delivery
+    did nothing (finished, cancelled before it ran, running elsewhere, or the lease was lost
+    on the way). ``warm``: the worker's ``workers.cache.WorkerCache`` (None: load everything
+    afresh); ``send_shard``: sends a statistic shard's task; ``shutdown``: the worker's
+    ``workers.heartbeat.ShutdownNotice`` (None: never handed back)."""
     ttl = settings.job_lease_seconds
+    grace = settings.worker_shutdown_grace_seconds
+    handback = None if shutdown is None else (lambda: shutdown.past(grace))
 
     lease = retry_transaction(
         session_factory,
@@ -164,7 +172,7 @@ def process_job(session_factory, store, settings, job_id: str, owner: str | None
         budget_s=settings.db_retry_seconds, what=f"job {job_id}: claim")
     if lease is None:
         return None
-    with Heartbeat(session_factory, ttl, lease) as heartbeat:
+    with Heartbeat(session_factory, ttl, lease, handback=handback) as heartbeat:
         try:
             metrics, uploads = run_claimed(session_factory, store, settings, lease, heartbeat, warm, send_shard)
 
@@ -182,6 +190,8 @@ def process_job(session_factory, store, settings, job_id: str, owner: str | None
         except Cancelled:
             if heartbeat.job_lost:
                 return None
+            if heartbeat.handing_back and not heartbeat.cancel_requested:  # a cancel still wins
+                return _hand_back(session_factory, settings, lease, grace)
             return _end(session_factory, settings, lease, "cancelled")
         except JobFailed as e:
             return _end(session_factory, settings, lease, "failed", e.code, str(e))
@@ -214,6 +224,32 @@ def _end(session_factory, settings, lease, status, code=None, message=None) -> s
     except lifecycle.LeaseLost:
         return None
     return status
+
+
+def _hand_back(session_factory, settings, lease, grace) -> str | None:
+    """Release the job (``queued``), its lease cleared, so that another worker can claim it
+    as soon as the task is sent again (``run_job`` does that once this is committed)."""
+    reason = f"its worker was stopping (still running {grace} s after the shutdown began); queued again"
+    try:
+        retry_transaction(session_factory, lambda session: lifecycle.release(session, lease, reason),
+                          budget_s=settings.db_retry_seconds, what=f"job {lease.job_id}: release")
+    except lifecycle.LeaseLost:
+        return None
+    log.info("job %s: handed back (the worker is stopping)", lease.job_id)
+    return "queued"
+
+
+def send_again(app, job_id: str) -> None:
+    """Send ``run_job`` for a job handed back, at the job's priority. If the broker cannot
+    take it, the reconciler re-sends the queued job once its grace period has passed."""
+    from workers.celery_app import broker_priority
+
+    try:
+        with session_scope(app.session_factory) as session:
+            priority = session.scalar(select(Job.priority).where(Job.id == job_id))
+        app.send_task(run_job.name, args=[job_id], priority=broker_priority(priority))
+    except Exception:
+        log.exception("job %s: handed back but not sent again; left to the reconciler", job_id)
 
 
 def run_claimed(session_factory, store, settings, lease, heartbeat, warm=None, send_shard=None):
@@ -429,7 +465,10 @@ class JobRequest(Request):
 def run_job(self, job_id: str) -> None:
     """Run one edit job (see the module doc). Queue ``gpu``; safe to deliver twice."""
     try:
-        process_job(self.app.session_factory, self.app.store, self.app.settings, job_id, warm=self.app.cache,
-                    send_shard=shard_sender(self.app))
+        status = process_job(self.app.session_factory, self.app.store, self.app.settings, job_id,
+                             warm=self.app.cache, send_shard=shard_sender(self.app),
+                             shutdown=self.app.shutdown_notice)
+        if status == "queued":  # handed back by a worker that is stopping: for another worker, now
+            send_again(self.app, job_id)
     finally:
         job_ended(self.app, job_id)  # the job's webhook and its batch's counts (workers/batches.py)

@@ -146,3 +146,68 @@ def test_an_event_written_after_lock_waits_for_the_other_writer(session_factory,
     thread.join()
     assert errors == []
     assert [seq for seq, *_ in events(session_factory, job_id)] == [1, 2, 3, 4]
+
+
+def test_release_hands_a_running_job_back_for_the_next_claim(session_factory, job_id):
+    """A worker that is stopping releases its job: queued again at once (no lease to wait
+    for), its claim given back, and its old lease fenced off."""
+    with session_scope(session_factory) as s:
+        stale = lifecycle.claim(s, job_id, "w1", ttl=30, max_attempts=1)
+        lifecycle.report_progress(s, stale, "optimizing", step=10, total=100, loss=0.5, milestone=True)
+    with session_scope(session_factory) as s:
+        lifecycle.release(s, stale, "its worker was stopping")
+    released = job(session_factory, job_id)
+    assert (released.status, released.phase, released.progress_step, released.lease_owner,
+            released.lease_expires_at, released.attempts, released.fencing_token) == \
+        ("queued", None, None, None, None, 0, 1)
+    for write in (lambda s: lifecycle.heartbeat(s, stale, 30),
+                  lambda s: lifecycle.report_progress(s, stale, "optimizing", 11, 100, 0.4),
+                  lambda s: lifecycle.finish(s, stale, "succeeded"),
+                  lambda s: lifecycle.release(s, stale, "again")):
+        with pytest.raises(LeaseLost), session_scope(session_factory) as s:
+            write(s)
+    with session_scope(session_factory) as s:  # at once, and not refused by max_attempts=1
+        fresh = lifecycle.claim(s, job_id, "w2", ttl=30, max_attempts=1)
+    assert fresh.token == stale.token + 1
+    with session_scope(session_factory) as s:
+        lifecycle.finish(s, fresh, "succeeded")
+    j = job(session_factory, job_id)
+    assert (j.status, j.attempts, j.lease_owner) == ("succeeded", 1, None)
+    assert [e[1:] for e in events(session_factory, job_id)] == [
+        ("transition", "queued"), ("transition", "running"), ("progress", "running"), ("transition", "queued"),
+        ("transition", "running"), ("transition", "succeeded")]
+    with session_scope(session_factory) as s:
+        messages = s.scalars(select(JobEvent.message).where(JobEvent.job_id == job_id, JobEvent.kind == "transition")
+                             .order_by(JobEvent.seq)).all()
+    assert messages[2] == "released by w1: its worker was stopping"
+    assert messages[3] == "claimed by w2"
+
+
+def test_release_by_a_worker_whose_lease_was_taken_over_changes_nothing(session_factory, job_id):
+    with session_scope(session_factory) as s:
+        stale = lifecycle.claim(s, job_id, "w1", ttl=30, now=utcnow() - timedelta(seconds=60))
+    with session_scope(session_factory) as s:
+        fresh = lifecycle.claim(s, job_id, "w2", ttl=30)
+    with pytest.raises(LeaseLost), session_scope(session_factory) as s:
+        lifecycle.release(s, stale, "its worker was stopping")
+    j = job(session_factory, job_id)
+    assert (j.status, j.lease_owner, j.fencing_token, j.attempts) == ("running", "w2", fresh.token, 2)
+    with session_scope(session_factory) as s:  # a finished job cannot go back to the queue
+        lifecycle.finish(s, fresh, "succeeded")
+    with pytest.raises(LeaseLost), session_scope(session_factory) as s:
+        lifecycle.release(s, fresh, "too late")
+    assert job(session_factory, job_id).status == "succeeded"
+    assert [e[2] for e in events(session_factory, job_id)].count("queued") == 1
+
+
+def test_a_released_job_whose_cancel_was_requested_ends_cancelled_at_its_next_claim(session_factory, job_id):
+    with session_scope(session_factory) as s:
+        lease = lifecycle.claim(s, job_id, "w1", ttl=30)
+    with session_scope(session_factory) as s:
+        lifecycle.request_cancel(s, job_id)  # seen by w1 only after it decided to hand the job back
+    with session_scope(session_factory) as s:
+        lifecycle.release(s, lease, "its worker was stopping")
+    with session_scope(session_factory) as s:
+        assert lifecycle.claim(s, job_id, "w2", ttl=30) is None
+    j = job(session_factory, job_id)
+    assert (j.status, j.fencing_token) == ("cancelled", 1)

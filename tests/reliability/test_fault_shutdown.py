@@ -1,0 +1,102 @@
+"""A worker is told to stop (SIGTERM to its main process: a deploy, a Kubernetes pod
+eviction) while its job is optimizing.
+
+Celery's warm shutdown would wait for the job to end, however long it takes, and an
+orchestrator SIGKILLs the worker after its grace period (30 s in Kubernetes); the job
+would then wait for its lease to expire and for the reconciler. Instead the job goes on
+for ``PALIMPSEST_WORKER_SHUTDOWN_GRACE_SECONDS``, then stops between optimizer steps,
+releases its lease (``queued`` again) and sends its task again: the other worker takes it
+at once, and the stopping worker exits within the grace plus a few seconds. A job that
+ends within the grace simply ends where it runs.
+
+Real processes: PostgreSQL, its own Redis, `palimpsest serve`, two `palimpsest worker`
+processes; no beat, so nothing here can come from the reconciler.
+"""
+import signal
+import time
+
+import pytest
+
+from faults import assert_one_artifact_set, fault_stack, now, seconds, warm_service
+
+pytestmark = pytest.mark.integration
+
+GRACE_S = 4
+# The stopping worker's exit: the grace, one poll of the notice (1 s) and one optimizer step,
+# the release, then Celery's own warm shutdown (about 2.5 s measured on this 2-core machine).
+EXIT_SLACK_S = 8
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):
+    with fault_stack(tmp_path_factory, "shutdown", PALIMPSEST_WORKER_SHUTDOWN_GRACE_SECONDS=str(GRACE_S)) as stack, \
+            warm_service(stack, workers=2) as service:
+        yield service
+
+
+def submit_and_stop_its_worker(service, steps):
+    """Submit a job and SIGTERM the main process (only) of the worker running it, once it
+    optimizes: (job as it was then, the worker, when, seconds until the worker exited)."""
+    while len(service.workers) < 2:  # replace the worker the previous case stopped
+        service.start_workers(1)
+    job = service.wait_phase(service.submit(steps=steps), "optimizing")
+    victim = service.worker_of(job)
+    sent_at, start = now(), time.monotonic()
+    victim.signal(signal.SIGTERM)
+    victim.popen.wait(timeout=300)
+    service.workers.remove(victim)
+    return job, victim, sent_at, time.monotonic() - start
+
+
+def test_a_stopping_worker_hands_its_job_to_the_other_worker(service, figures):
+    # about 20 s of optimizing here: far past the grace
+    job, victim, sent_at, exit_s = submit_and_stop_its_worker(service, steps=4000)
+    job_id = job.id
+    assert victim.popen.returncode == 0
+    assert exit_s < GRACE_S + EXIT_SLACK_S, victim.log()[-3000:]
+
+    final = service.wait_ended([job_id], timeout=300)[job_id]
+    assert (final.status, final.error_code) == ("succeeded", None), final.error_message
+    assert final.attempts == 1  # the hand-back gave its claim back: not a worker death
+
+    events = service.events(job_id)
+    transitions = [e for e in events if e.kind == "transition"]
+    assert [e.status for e in transitions] == ["queued", "running", "queued", "running", "succeeded"]
+    claimed, released, reclaimed = transitions[1], transitions[2], transitions[3]
+    assert claimed.message == f"claimed by {job.lease_owner}"
+    assert released.message.startswith(f"released by {job.lease_owner}: its worker was stopping")
+    owner = reclaimed.message.removeprefix("claimed by ")
+    assert reclaimed.message.startswith("claimed by ") and owner != job.lease_owner
+    assert int(owner.rsplit(":", 1)[1]) in {p.pid for w in service.workers for p in w.tree()}  # the other worker
+    # it ran on through the grace, and was handed back soon after it
+    assert GRACE_S <= seconds(sent_at, released.created_at) < GRACE_S + 4
+    # taken at once: no lease to expire (6 s here), no reconciler (none runs)
+    assert seconds(released.created_at, reclaimed.created_at) < 3
+    assert not [e for e in events if e.message and e.message.startswith("reconciler")]
+    # the released job wrote nothing more: every later progress event is the new owner's run
+    assert [e.phase for e in events if e.kind == "progress" and e.seq > reclaimed.seq][0] == "loading"
+    # the stopping worker was optimizing when it stopped
+    assert any(e.kind == "progress" and e.phase == "optimizing" and e.seq < released.seq for e in events)
+    assert_one_artifact_set(service, job_id)
+
+    figures.update(grace_s=GRACE_S, sigterm_to_exit_s=round(exit_s, 2),
+                   sigterm_to_released_s=seconds(sent_at, released.created_at),
+                   sigterm_to_reclaimed_s=seconds(sent_at, reclaimed.created_at),
+                   sigterm_to_succeeded_s=seconds(sent_at, final.finished_at))
+
+
+def test_a_job_that_ends_within_the_grace_ends_on_its_worker(service, figures):
+    # about 2 s of optimizing: ends within the grace
+    job, victim, sent_at, exit_s = submit_and_stop_its_worker(service, steps=300)
+    job_id = job.id
+    assert victim.popen.returncode == 0
+    assert exit_s < GRACE_S + EXIT_SLACK_S
+
+    final = service.job(job_id)  # ended before its worker exited
+    assert (final.status, final.attempts) == ("succeeded", 1)
+    transitions = service.transitions(job_id)
+    assert [e.status for e in transitions] == ["queued", "running", "succeeded"]
+    assert transitions[1].message == f"claimed by {job.lease_owner}"
+    assert_one_artifact_set(service, job_id)
+    figures.update(grace_s=GRACE_S, sigterm_to_exit_s=round(exit_s, 2),
+                   sigterm_to_succeeded_s=seconds(sent_at, final.finished_at))
