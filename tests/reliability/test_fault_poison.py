@@ -80,11 +80,11 @@ def test_a_statistic_that_kills_its_worker_each_time_is_given_up(service):
               for n in range(1, MAX_ATTEMPTS + 1)]
 
     # the giving-up delivery waits out the lease the last dead child left on the row
-    final = wait_until(lambda: (s := read(service, Statistic, statistic_id)).status == "failed" and s, 120,
+    # (delivered_at is cleared in a transaction of its own, just after the status)
+    final = wait_until(lambda: ended(read(service, Statistic, statistic_id), "failed"), 120,
                        what="the statistic given up")
     assert final.deliveries == MAX_ATTEMPTS + 1
     assert final.error.startswith("worker_lost: compute_statistic was delivered 2 times without ending")
-    assert final.delivered_at is None  # the giving-up delivery ended in its process
     assert worker.alive() and len(set(killed)) == MAX_ATTEMPTS  # a new child each time
     assert worker.log().count("WorkerLostError") >= MAX_ATTEMPTS
     shown = service.client.request("GET", f"/v1/statistics/{statistic_id}").json()
@@ -106,6 +106,11 @@ def test_a_job_that_kills_its_worker_each_time_fails_worker_lost(service):
     transitions = [e for e in service.events(job_id) if e.kind == "transition"]
     assert [e.status for e in transitions] == ["queued", "running", "running", "failed"]
     assert service.client.job(job_id)["error"]["code"] == "worker_lost"
+
+
+def ended(row, *statuses):
+    """``row`` once it is in one of ``statuses`` and its last delivery has ended, else None."""
+    return row if row.status in statuses and row.delivered_at is None else None
 
 
 def delivery_under_way(n):
@@ -132,7 +137,7 @@ def test_an_inspection_that_kills_its_worker_each_time_fails_the_model(service, 
                                      lambda m, n=n: m.status == "pending" and delivery_under_way(n)(m))
               for n in range(1, MAX_ATTEMPTS + 1)]
 
-    final = wait_until(lambda: (m := read(service, Model, model_id)).status != "pending" and m, 120,
+    final = wait_until(lambda: ended(read(service, Model, model_id), "failed", "ready"), 120,
                        what="the model given up")
     assert (final.status, final.deliveries, final.delivered_at) == ("failed", MAX_ATTEMPTS + 1, None)
     assert final.error.startswith("worker_lost: its inspection was delivered 2 times without ending")
@@ -175,7 +180,7 @@ def test_a_merge_that_kills_its_worker_each_time_completes_its_batch(service, tm
               for n in range(1, MAX_ATTEMPTS + 1)]
     (merged,) = merges()  # by the first delivery, before its kill
 
-    final = wait_until(lambda: (b := read(service, Batch, batch_id)).status != "finalizing" and b, 120,
+    final = wait_until(lambda: ended(read(service, Batch, batch_id), "completed", "failed"), 120,
                        what="the batch completed")
     assert (final.status, final.deliveries, final.delivered_at) == ("completed", MAX_ATTEMPTS + 1, None)
     assert (final.succeeded_count, final.failed_count) == (3, 0)
