@@ -53,15 +53,10 @@ class ShutdownNotice:
         if not self._since.value:  # the first signal starts the clock; a second does not restart it
             self._since.value = time.monotonic()
 
-    def stopping_for(self) -> float | None:
-        """Seconds since the worker began to stop; None while it is not stopping."""
-        since = self._since.value
-        return time.monotonic() - since if since else None
-
     def past(self, grace: float) -> bool:
         """Whether the worker has been stopping for at least ``grace`` seconds."""
-        stopping = self.stopping_for()
-        return stopping is not None and stopping >= grace
+        since = self._since.value
+        return bool(since) and time.monotonic() - since >= grace
 
 
 class Heartbeat:

@@ -1,6 +1,7 @@
 """Tenant names are unique (migration 0006): existing duplicates are renamed, keeping
 their ids, and two ``keys create`` calls racing on one new name share one tenant, on
 SQLite and PostgreSQL."""
+import secrets
 import threading
 
 import pytest
@@ -51,7 +52,7 @@ def test_create_key_that_loses_the_race_for_a_new_tenant_joins_it(postgres_url):
     """Another ``keys create`` commits the tenant between our select and our insert: the
     insert hits the unique name and the key goes to the tenant the other call made."""
     engine = create_engine(postgres_url, poolclass=NullPool)
-    name = f"race-{threading.get_ident()}-{id(engine)}"
+    name = f"race-{secrets.token_hex(4)}"
     try:
         with Session(engine) as session:
             raced = []
@@ -79,7 +80,7 @@ def test_create_key_that_loses_the_race_for_a_new_tenant_joins_it(postgres_url):
 
 def test_concurrent_key_creation_makes_one_tenant(postgres_url):
     engine = create_engine(postgres_url, pool_size=8)
-    name = f"burst-{id(engine)}"
+    name = f"burst-{secrets.token_hex(4)}"
     barrier, errors, tenant_ids = threading.Barrier(8), [], []
 
     def create():
