@@ -12,7 +12,9 @@
    its own forward pass, which stays steady where whole runs drift. At a layer whose
    keys repeat over 2x2 blocks (after an upsampling), "repeat check skipped" feeds the
    update the collapsed keys directly: the gap to "forward + moment update" is the
-   price of ``collapse_repeats``' comparisons (on CUDA, two host waits a batch).
+   price of ``collapse_repeats``' comparisons (on CUDA, two host waits a batch; the
+   statistic itself checks on the device, ``repeats_hold``). On CUDA the statistic
+   replays a CUDA graph per batch; "eager (graph=False)" is the same without it.
 2. Insert: wall time of the projected method (5a, the paper's defaults) and the
    lambda method (5b) on one paste edit, the time 5b needs to reach 5a's final
    loss, and the peak of tensor memory each allocates beyond what exists before it
@@ -136,12 +138,17 @@ def bench_statistics(model, layer, n, batch, rounds):
     def stats_here():
         return compute_second_moment(model, layer, seeds, batch_size=batch, latent_threads=0)
 
+    def stats_eager():
+        return compute_second_moment(model, layer, seeds, batch_size=batch, graph=False)
+
     keys = bare().keys
     repeats = collapse_repeats(keys)[1] if keys.dim() == 4 else 1
     step = math.isqrt(repeats)
     fns = [bare, full, lambda: bare(add=True), latents_only, stats, stats_here]
     if repeats > 1:
         fns.append(lambda: bare(add=True, unchecked=True))
+    if device.type == "cuda":
+        fns.append(stats_eager)
     times = timed(fns, device, rounds)
     t_bare, t_full, t_upd, t_lat, t_stat, t_here = (min(t) for t in times[:6])
     print(f"\n== statistics: layer {layer}, keys {tuple(keys.shape[1:])}, {n} samples, batch {batch}, "
@@ -155,6 +162,11 @@ def bench_statistics(model, layer, n, batch, rounds):
         check = statistics.median((u - v) / b for u, v, b in zip(times[2], times[6], times[0]))
         print(f"  {'forward + moment update, repeat check skipped':48s} {n / t_unchecked:9.1f} samples/s  "
               f"({t_unchecked * 1000:8.1f} ms); the check: {100 * check:+.1f}% of the floor (median of rounds)")
+    if device.type == "cuda":
+        t_eager = min(times[-1])
+        eager = statistics.median(e / b - 1 for e, b in zip(times[-1], times[0]))
+        print(f"  {'compute_second_moment, eager (graph=False)':48s} {n / t_eager:9.1f} samples/s  "
+              f"({t_eager * 1000:8.1f} ms); {100 * eager:+.1f}% over the floor (median of rounds)")
     # Each round's own ratio, then their median: the floor drifts between rounds on a shared machine.
     per_round = [s / b - 1 for s, b in zip(times[4], times[0])]
     overhead = statistics.median(per_round)

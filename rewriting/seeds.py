@@ -56,7 +56,7 @@ def latent_batches(seeds, z_dim, batch_size, threads=0):
     Drawing costs ~4-10 µs of CPU a seed, which on a GPU is as long as the forward
     pass it feeds; with ``threads`` > 0, that many threads draw up to two batches
     each ahead, outside the interpreter lock, while the caller launches GPU work.
-    One thread draws ~200,000-250,000 seeds/s on an H100 host; four gained at most 17% there.
+    One thread draws ~200,000-250,000 seeds/s on an H100 host (docs/benchmarks.md).
     """
     seeds = list(seeds)
     chunks = [seeds[i:i + batch_size] for i in range(0, len(seeds), batch_size)]

@@ -1,11 +1,13 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from rewriting.errors import Cancelled, CheckpointError, IncompatibleError
 from rewriting.layers import Trace, flat_keys
 from rewriting.seeds import latents
-from rewriting.statistics import SecondMoment, collapse_repeats, compute_second_moment, default_batch_size
+from rewriting.statistics import (
+    SecondMoment, collapse_repeats, compute_second_moment, default_batch_size, repeats_hold)
 from tests.engine.tiny_models import build
 
 
@@ -172,3 +174,102 @@ def test_runs_on_the_model_device(device):
     model = build("equalized").to(device)
     stat = compute_second_moment(model, "layer1", "0-3")
     assert stat.moment.device.type == device.type and stat.moment.dtype == torch.float64
+
+
+class RepeatsAtFirst(nn.Module):
+    """Keys repeated over 2x2 blocks in the first forward pass, not in later ones.
+
+    ``compute_second_moment`` looks for repeats in its first batch only and then
+    assumes them: this model breaks that assumption, which must be caught.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.z_dim = 8
+        self.fc = nn.Linear(8, 4 * 4 * 4)
+        self.layer = nn.Conv2d(4, 3, 1)
+        self.passes = 0
+
+    def forward(self, z):
+        x = F.interpolate(self.fc(z).view(-1, 4, 4, 4), scale_factor=2, mode="nearest")
+        if self.passes:
+            x = x + 1e-3 * torch.arange(64.0, device=x.device).view(1, 1, 8, 8)
+        self.passes += 1
+        return self.layer(x)
+
+
+def plain_moment(model, seeds, batch_size):
+    """The moment from plain forward passes, every location added (no collapse)."""
+    rows = []
+    with torch.no_grad():
+        for i in range(0, len(seeds), batch_size):
+            with Trace(model, "layer") as tr:
+                model(latents(seeds[i:i + batch_size], model.z_dim).to(next(model.parameters()).device))
+            rows.append(flat_keys(tr.keys).double().cpu())
+    rows = torch.cat(rows)
+    return rows.T @ rows, len(rows)
+
+
+def test_repeats_hold_is_a_device_verdict_on_every_block():
+    up = F.interpolate(torch.randn(2, 3, 4, 4), scale_factor=2, mode="nearest")
+    assert repeats_hold(up, 4).item() and repeats_hold(up, 1).item() and not repeats_hold(up, 16).item()
+    up[1, 2, 5, 6] += 1e-6
+    assert not repeats_hold(up, 4).item()
+    assert not repeats_hold(torch.randn(1, 2, 6, 5), 4).item()  # odd width: no 2x2 blocks
+    assert torch.equal(SecondMoment(3).update(up, repeats=1).moment, SecondMoment(3).update(up).moment)
+
+
+def test_repeats_broken_after_the_first_batch_are_counted_again_in_full(device):
+    model = RepeatsAtFirst().to(device)
+    stat = compute_second_moment(model, "layer", "0-23", batch_size=8)
+    assert model.passes == 3 + 3  # once assuming the first batch's repeats, once in full
+    model.passes = 1  # the count that stands is the second, whose batches all break the repeats
+    exact, count = plain_moment(model, list(range(24)), 8)
+    assert stat.count == count == 24 * 64
+    assert torch.allclose(stat.moment.cpu(), exact, rtol=1e-5, atol=1e-5)
+
+
+def test_repeats_that_hold_are_counted_once_per_block(device):
+    model = build("equalized").to(device)  # layer2 follows a nearest upsampling
+    with Trace(model, "layer2") as tr:
+        model(latents([0], model.z_dim).to(device))
+    assert collapse_repeats(tr.keys)[1] == 4
+    stat = compute_second_moment(model, "layer2", "0-20", batch_size=8)
+    rows = []
+    for first in (0, 8, 16):
+        with Trace(model, "layer2") as tr:
+            model(latents(range(first, min(first + 8, 21)), model.z_dim).to(device))
+        rows.append(flat_keys(tr.keys).double())
+    rows = torch.cat(rows)
+    assert stat.count == len(rows)
+    assert ((stat.moment - rows.T @ rows).abs().max() / (rows.T @ rows).abs().max()).item() < 1e-6
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_replays_give_the_eager_statistic():
+    model = build("equalized").cuda()
+    graphed = compute_second_moment(model, "layer2", "0-99", batch_size=16, graph=True)
+    eager = compute_second_moment(model, "layer2", "0-99", batch_size=16, graph=False)
+    assert graphed.count == eager.count
+    assert ((graphed.moment - eager.moment).abs().max() / eager.moment.abs().max()).item() < 1e-6
+    assert torch.allclose(graphed.sum, eager.sum, rtol=1e-6, atol=1e-6)
+    # a pass that breaks the first batch's repeats, replayed from a graph, is caught too
+    model = RepeatsAtFirst().cuda()
+    stat = compute_second_moment(model, "layer", "0-47", batch_size=8, graph=True)
+    model.passes = 1
+    exact, count = plain_moment(model, list(range(48)), 8)
+    assert stat.count == count and torch.allclose(stat.moment.cpu(), exact, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_pass_that_cannot_be_captured_runs_eagerly():
+    model = build("equalized").cuda()
+    waits = []
+    handle = model.layer1.register_forward_hook(lambda m, a, out: waits.append(out.sum().item()))  # a host wait
+    try:
+        stat = compute_second_moment(model, "layer2", "0-63", batch_size=16, graph=True)
+    finally:
+        handle.remove()
+    eager = compute_second_moment(model, "layer2", "0-63", batch_size=16, graph=False)
+    assert len(waits) >= 4 and stat.count == eager.count
+    assert ((stat.moment - eager.moment).abs().max() / eager.moment.abs().max()).item() < 1e-6
