@@ -45,7 +45,7 @@ class TrainConfig:
     r1_gamma: float = 0.5
     r1_every: int = 4  # lazy regularization: penalize every k steps, scaled by k
     ema_decay: float = 0.999
-    diversity: float = 0.0  # weight of the mode-seeking term (0: off, as the shipped run)
+    diversity: float = 0.0  # weight of the mode-seeking term (0: off; the full config, as shipped: 1)
     render_batches: int = 0  # batches of scenes rendered per call (0: by device, see scene_batches)
     checkpoint_every: int = 2000
     log_every: int = 200
@@ -61,7 +61,8 @@ class TrainConfig:
 
 
 CONFIGS = {
-    "full": TrainConfig(),
+    # The shipped generator: without the mode-seeking term the run collapsed (docs/demo.md).
+    "full": TrainConfig(diversity=1.0),
     # Runs end to end on a CPU in seconds: used by the tests.
     "tiny": TrainConfig(resolution=16, channels=(32, 32, 16), z_dim=16, batch_size=8, iterations=30,
                         ema_decay=0.9, checkpoint_every=20, log_every=10),
@@ -110,8 +111,9 @@ def latent_spread(fakes, z):
     """Image distance over latent distance between the batch's two halves (Mao et al. 2019).
 
     Near 0 when distinct latents draw near-identical images: the mode collapse measured
-    in the shipped generator (docs/demo.md). Logged always; ``diversity`` > 0 adds
-    ``diversity / spread`` to the generator's loss (MSGAN's mode-seeking term).
+    in the generator shipped before session 16 (docs/demo.md). Logged always;
+    ``diversity`` > 0 adds ``diversity / spread`` to the generator's loss (MSGAN's
+    mode-seeking term).
     """
     half = len(z) // 2
     images = (fakes[:half] - fakes[half:2 * half]).abs().mean()
@@ -251,7 +253,7 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, help="override the config's batch size")
     parser.add_argument("--max-seconds", type=float, help="stop (and save) after this much wall-clock time")
     parser.add_argument("--r1-gamma", type=float, help="override the config's R1 weight")
-    parser.add_argument("--diversity", type=float, help="weight of the mode-seeking term (default 0: off)")
+    parser.add_argument("--diversity", type=float, help="weight of the mode-seeking term (default: the config's; full 1, tiny 0)")
     parser.add_argument("--render-batches", type=int,
                         help="batches of scenes rendered per call (default: 16 on CUDA, 1 on a CPU)")
     args = parser.parse_args(argv)

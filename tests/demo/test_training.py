@@ -59,6 +59,7 @@ def test_mode_seeking_term_changes_training_and_is_recorded(tmp_path):
     assert record["train_config"]["diversity"] == 1 and record["train_config"]["r1_gamma"] == 2
     assert record["final"]["spread"] > 0
     assert json.loads((plain / "generator.json").read_text())["train_config"]["diversity"] == 0
+    assert train_generator.CONFIGS["full"].diversity == 1  # as the shipped generator was trained
     a, b = load_file(str(plain / "generator.safetensors")), load_file(str(seeking / "generator.safetensors"))
     assert any(not torch.equal(a[k], b[k]) for k in a)
     # Training is deterministic, so the difference above is the term's, not run-to-run noise.

@@ -280,26 +280,20 @@ def test_a_worker_whose_lease_was_taken_over_stops_without_writing(world, tiny_m
     assert artifacts(world, job_id) == {}
 
 
-DOME_TO_SPIRE = {  # boxes found with the demo segmenter: seed 25's spire onto seed 2's dome
-    "operation": "copy",
-    "copy": {"seed": 25, "mask": [0.0625, 0.34375, 0.9375, 0.578125]},
-    "paste": {"seed": 2, "mask": [0.0625, 0.359375, 0.859375, 0.5]},
-    "context": [{"seed": 2, "mask": [0.0625, 0.359375, 0.859375, 0.5]},
-                {"seed": 0, "mask": [0.375, 0.28125, 0.8125, 0.4375]}],
-}
-
-
 def test_demo_job_names_the_classes_it_measures(sqlite_url, tmp_path):
     """On the trained demo: the metrics find dome (source) and spire (target) from the boxes alone."""
-    from demo.artifacts import GENERATOR_PATH, SEGMENTER_PATH
+    from demo.artifacts import GENERATOR_PATH, REQUESTS_DIR, SEGMENTER_PATH
     from storage.objects import LocalStore
     from workers.models import register_demo
 
     if not (GENERATOR_PATH.exists() and SEGMENTER_PATH.exists()):
         pytest.skip("the demo weights are not trained yet")
+    # the bundled request's boxes, found with the segmenter in the shipped generator's images
+    bundled = json.loads((REQUESTS_DIR / "dome_to_spire.json").read_text())
+    request = {k: v for k, v in bundled.items() if k != "layer"}
     world = make_world(sqlite_url, LocalStore(tmp_path / "objects"), tmp_path)
     job_id = world.job(world.tenant(), register_demo(world.session_factory, world.store), layer="layer4",
-                       request=DOME_TO_SPIRE, params={"samples": 100, "steps": 50, "held_out": 2})
+                       request=request, params={"samples": 100, "steps": 50, "held_out": 2})
     assert process_job(world.session_factory, world.store, world.settings, job_id) == "succeeded"
     metrics = job_row(world, job_id).metrics
     assert (metrics["segmenter"]["source_class"], metrics["segmenter"]["target_class"]) == ("dome", "spire")
