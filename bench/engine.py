@@ -1,6 +1,7 @@
 """Engine benchmarks: statistics throughput and insert methods (prints figures).
 
     python bench/engine.py [--layer layer5] [--samples 512] [--batch 64,256] [--device auto] [--rounds 3]
+                           [--latent-threads N]
 
 1. Statistics: samples/s of ``compute_second_moment`` next to, in the same run, the
    bare forward pass to the layer's keys (same latents, same stop) and the full
@@ -83,7 +84,7 @@ def timed(fns, device, repeat=3):
     return times
 
 
-def bench_statistics(model, layer, n, batch, rounds):
+def bench_statistics(model, layer, n, batch, rounds, latent_threads=None):
     device = model_device(model)
     seeds = list(range(n))
     z_all = latents(seeds, model.z_dim).to(device)
@@ -133,13 +134,14 @@ def bench_statistics(model, layer, n, batch, rounds):
             latents(seeds[i:i + batch], model.z_dim).to(device)
 
     def stats():
-        return compute_second_moment(model, layer, seeds, batch_size=batch)
+        return compute_second_moment(model, layer, seeds, batch_size=batch, latent_threads=latent_threads)
 
     def stats_here():
         return compute_second_moment(model, layer, seeds, batch_size=batch, latent_threads=0)
 
     def stats_eager():
-        return compute_second_moment(model, layer, seeds, batch_size=batch, graph=False)
+        return compute_second_moment(model, layer, seeds, batch_size=batch, graph=False,
+                                     latent_threads=latent_threads)
 
     keys = bare().keys
     repeats = collapse_repeats(keys)[1] if keys.dim() == 4 else 1
@@ -285,6 +287,7 @@ def main():
     p.add_argument("--batch", default=None, help="batch sizes, comma-separated (default: the engine's for the device)")
     p.add_argument("--device", default="auto")
     p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds of the statistics part")
+    p.add_argument("--latent-threads", type=int, help="threads drawing latents for the statistic (default: the engine's)")
     p.add_argument("--part", choices=["all", "statistics", "insert"], default="all")
     args = p.parse_args()
     name = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -294,7 +297,8 @@ def main():
     print(f"model: {source}; device {device} ({what}); torch {torch.__version__}; pid {os.getpid()}")
     if args.part in ("all", "statistics"):
         batches = [int(b) for b in args.batch.split(",")] if args.batch else [default_batch_size(device)]
-        rows = [bench_statistics(model, args.layer, args.samples, b, args.rounds) for b in batches]
+        rows = [bench_statistics(model, args.layer, args.samples, b, args.rounds, args.latent_threads)
+                for b in batches]
         print(f"\n== statistics by batch, layer {args.layer} (samples/s)")
         for r in rows:
             print(f"  batch {r['batch']:5d}: floor {r['floor']:9.1f}, forward + update {r['update']:9.1f}, "
