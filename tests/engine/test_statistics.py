@@ -198,12 +198,12 @@ class RepeatsAtFirst(nn.Module):
         return self.layer(x)
 
 
-def plain_moment(model, seeds, batch_size):
+def plain_moment(model, seeds, batch_size, layer="layer"):
     """The moment from plain forward passes, every location added (no collapse)."""
     rows = []
     with torch.no_grad():
         for i in range(0, len(seeds), batch_size):
-            with Trace(model, "layer") as tr:
+            with Trace(model, layer) as tr:
                 model(latents(seeds[i:i + batch_size], model.z_dim).to(next(model.parameters()).device))
             rows.append(flat_keys(tr.keys).double().cpu())
     rows = torch.cat(rows)
@@ -213,6 +213,9 @@ def plain_moment(model, seeds, batch_size):
 def test_repeats_hold_is_a_device_verdict_on_every_block():
     up = F.interpolate(torch.randn(2, 3, 4, 4), scale_factor=2, mode="nearest")
     assert repeats_hold(up, 4).item() and repeats_hold(up, 1).item() and not repeats_hold(up, 16).item()
+    rows = flat_keys(up).double()
+    known = SecondMoment(3).update(up, repeats=4)  # the caller's factor: no comparison here
+    assert known.count == len(rows) and torch.allclose(known.moment, rows.T @ rows, rtol=1e-6, atol=1e-6)
     up[1, 2, 5, 6] += 1e-6
     assert not repeats_hold(up, 4).item()
     assert not repeats_hold(torch.randn(1, 2, 6, 5), 4).item()  # odd width: no 2x2 blocks
@@ -229,20 +232,16 @@ def test_repeats_broken_after_the_first_batch_are_counted_again_in_full(device):
     assert torch.allclose(stat.moment.cpu(), exact, rtol=1e-5, atol=1e-5)
 
 
-def test_repeats_that_hold_are_counted_once_per_block(device):
+def test_repeats_that_hold_are_counted_once_per_block(device, monkeypatch):
     model = build("equalized").to(device)  # layer2 follows a nearest upsampling
-    with Trace(model, "layer2") as tr:
-        model(latents([0], model.z_dim).to(device))
-    assert collapse_repeats(tr.keys)[1] == 4
+    factors, accumulate = [], SecondMoment.accumulate
+    monkeypatch.setattr(SecondMoment, "accumulate",
+                        lambda self, keys, repeats=None: factors.append(repeats) or accumulate(self, keys, repeats))
     stat = compute_second_moment(model, "layer2", "0-20", batch_size=8)
-    rows = []
-    for first in (0, 8, 16):
-        with Trace(model, "layer2") as tr:
-            model(latents(range(first, min(first + 8, 21)), model.z_dim).to(device))
-        rows.append(flat_keys(tr.keys).double())
-    rows = torch.cat(rows)
-    assert stat.count == len(rows)
-    assert ((stat.moment - rows.T @ rows).abs().max() / (rows.T @ rows).abs().max()).item() < 1e-6
+    assert factors == [4, 4, 4]  # every batch added once per 2x2 block
+    exact, count = plain_moment(model, list(range(21)), 8, layer="layer2")
+    assert stat.count == count
+    assert ((stat.moment.cpu() - exact).abs().max() / exact.abs().max()).item() < 1e-6
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -282,15 +282,15 @@ def test_a_worker_whose_lease_was_taken_over_stops_without_writing(world, tiny_m
 
 def test_demo_job_names_the_classes_it_measures(sqlite_url, tmp_path):
     """On the trained demo: the metrics find dome (source) and spire (target) from the boxes alone."""
-    from demo.artifacts import GENERATOR_PATH, REQUESTS_DIR, SEGMENTER_PATH
+    from demo.artifacts import GENERATOR_PATH, SEGMENTER_PATH
+    from demo.examples import load_eval_requests
     from storage.objects import LocalStore
     from workers.models import register_demo
 
     if not (GENERATOR_PATH.exists() and SEGMENTER_PATH.exists()):
         pytest.skip("the demo weights are not trained yet")
-    # the bundled request's boxes, found with the segmenter in the shipped generator's images
-    bundled = json.loads((REQUESTS_DIR / "dome_to_spire.json").read_text())
-    request = {k: v for k, v in bundled.items() if k != "layer"}
+    # the bundled pair's boxes, found with the segmenter in the shipped generator's images
+    request = load_eval_requests("dome_to_spire")[0]
     world = make_world(sqlite_url, LocalStore(tmp_path / "objects"), tmp_path)
     job_id = world.job(world.tenant(), register_demo(world.session_factory, world.store), layer="layer4",
                        request=request, params={"samples": 100, "steps": 50, "held_out": 2})
