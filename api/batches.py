@@ -20,6 +20,7 @@ from datetime import timedelta
 from flask import Blueprint, Response, current_app, redirect, request, stream_with_context, url_for
 from kombu.exceptions import OperationalError
 from sqlalchemy import and_, or_, select
+from sqlalchemy.exc import IntegrityError
 from werkzeug.http import parse_options_header
 
 from api.auth import current_tenant_id
@@ -27,6 +28,7 @@ from api.errors import (
     ApiError,
     BadRequest,
     BatchFinished,
+    BatchNotFinished,
     ArtifactNotFound,
     BatchNotFound,
     InvalidBatch,
@@ -36,13 +38,15 @@ from api.errors import (
     ValidationError,
 )
 from api import pagination
+from api.deletion import committed
 from api.inputs import bounded_int, known_only
 from api.jobs import MAX_WEBHOOK_URL, artifact_url, validate_job, validate_webhook
+from api.models import forget_model
 from api.multipart import MultipartReader
 from api.pagination import PAGE_ARGS, page
 from api.openapi import SECURED, error_responses
 from api.tasks import DEFAULT_PRIORITY, MAX_PRIORITY, RUN_JOB, broker_priority
-from storage import lifecycle
+from storage import deletion, lifecycle
 from storage.db import get_session
 from storage.models import (
     BATCH_MERGE_STATUSES, BATCH_STATUSES, JOB_STATUSES, Artifact, Batch, BatchMerge, Job, new_id,
@@ -244,7 +248,17 @@ def submit_batch():
                                    created_at=now + timedelta(microseconds=i), **job_columns)
         job_ids.append(job.id)
     set_status(session, batch_id, "validating", "in_progress")
-    session.commit()
+    try:
+        session.commit()
+    except IntegrityError:
+        # a model or base job was deleted since the lines were validated: validating again
+        # names the line (another API process may still have held the model as ready)
+        session.rollback()
+        current_app.extensions["palimpsest_store"].delete(key)
+        for _, job_columns in members:
+            forget_model(job_columns["model_id"])
+        validate_lines(lines, tenant_id, source)
+        raise
     try:
         send_members(job_ids, columns["priority"])
     except ServiceUnavailable:
@@ -351,6 +365,17 @@ def cancel_batch(batch_id):
         session.commit()
     refresh_batch(current_app.extensions["palimpsest_db"].session_factory, batch.id, current_app.extensions["celery"])
     return show(get_batch(batch_id))
+
+
+@bp.delete("/batches/<batch_id>")
+def delete_batch(batch_id):
+    """An ended batch with its members, their artifacts and its merges (their objects go
+    after the deletion grace period); 409 while it runs or while a job outside it starts
+    from one of its members."""
+    batch = get_batch(batch_id)
+    with committed(f"batch {batch.id}", BatchNotFinished) as session:
+        deletion.delete_batch(session, batch)
+    return "", 204
 
 
 def result_line(job: Job, artifacts: list[Artifact]) -> dict:
@@ -554,7 +579,17 @@ OPENAPI_PATHS = {
             "security": SECURED,
             "parameters": [_BATCH_ID],
             "responses": {"200": {"description": "The batch", "content": _BATCH}, **error_responses(401, 404)},
-        }
+        },
+        "delete": {
+            "operationId": "deleteBatch",
+            "tags": ["batches"],
+            "summary": "Delete an ended batch with its member jobs, their artifacts and its merges (objects leave "
+                       "the store after PALIMPSEST_DELETION_GRACE_SECONDS). 409 batch_not_finished while it runs, "
+                       "409 in_use while a job outside it starts from one of its members",
+            "security": SECURED,
+            "parameters": [_BATCH_ID],
+            "responses": {"204": {"description": "Deleted"}, **error_responses(401, 404, 409)},
+        },
     },
     "/v1/batches/{batch_id}/merges/{merge_id}/{name}": {
         "get": {

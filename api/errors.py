@@ -119,6 +119,19 @@ class BatchFinished(Conflict):
     code = "batch_finished"
 
 
+class JobNotFinished(Conflict):
+    code = "job_not_finished"
+
+
+class BatchNotFinished(Conflict):
+    code = "batch_not_finished"
+
+
+class InUse(Conflict):
+    """Other rows depend on the one to delete (chained jobs, a model's jobs)."""
+    code = "in_use"
+
+
 class PayloadTooLarge(ApiError):
     status = 413
     code = "payload_too_large"

@@ -23,13 +23,15 @@ from api.errors import (
     IdempotencyMismatch,
     InvalidEditRequest,
     JobFinished,
+    JobNotFinished,
     JobNotFound,
     UnknownLayer,
     ValidationError,
 )
 from api import pagination
+from api.deletion import committed
 from api.inputs import bounded_int, json_body, json_problem, known_only
-from api.models import ReadyModel, ready_model
+from api.models import ReadyModel, forget_model, ready_model
 from api.openapi import SECURED, error_responses
 from api.pagination import PAGE_ARGS, page
 from api.tasks import DEFAULT_PRIORITY, MAX_PRIORITY, RUN_JOB, send_task
@@ -37,7 +39,7 @@ from palimpsest.webhooks import url_problem
 from rewriting.errors import EditRequestError
 from rewriting.errors import UnknownLayer as EngineUnknownLayer
 from rewriting.requests import check_layer, check_rank, parse_request
-from storage import lifecycle
+from storage import deletion, lifecycle
 from storage.db import get_session
 from storage.models import ARTIFACT_NAMES, JOB_PHASES, JOB_STATUSES, Artifact, Job, JobEvent
 from storage.objects import CHUNK_SIZE, ObjectNotFound
@@ -218,9 +220,13 @@ def submit_job():
     except IntegrityError:
         # A concurrent request with the same key committed first: answer as if we came second.
         session.rollback()
-        if key is None or (job := existing()) is None:
-            raise
-        return replay(job, body_hash)
+        if key is not None and (job := existing()) is not None:
+            return replay(job, body_hash)
+        # Else the model or the base job was deleted since it was validated (another API
+        # process may still hold the model as ready): validating again names the field.
+        forget_model(columns["model_id"])
+        validate_job(body, tenant_id)
+        raise
     try:
         send_task(RUN_JOB, job.id, priority=job.priority)
     except ApiError:
@@ -272,6 +278,16 @@ def cancel_job(job_id):
         session.rollback()
         raise JobFinished(f"job {job_id} is {error.current}; only a queued or running job can be cancelled") from None
     return show(job)
+
+
+@bp.delete("/jobs/<job_id>")
+def delete_job(job_id):
+    """An ended job, with its events and artifacts (their objects go after the deletion grace
+    period, storage.deletion); 409 while it runs, belongs to a batch or is another job's base."""
+    job = get_job(job_id)
+    with committed(f"job {job.id}", JobNotFinished) as session:
+        deletion.delete_job(session, job)
+    return "", 204
 
 
 @bp.get("/jobs/<job_id>/events")
@@ -480,7 +496,17 @@ OPENAPI_PATHS = {
             "security": SECURED,
             "parameters": [_JOB_ID],
             "responses": {"200": {"description": "The job", "content": _JOB}, **error_responses(401, 404)},
-        }
+        },
+        "delete": {
+            "operationId": "deleteJob",
+            "tags": ["jobs"],
+            "summary": "Delete an ended job with its events and artifacts (objects leave the store after "
+                       "PALIMPSEST_DELETION_GRACE_SECONDS). 409 job_not_finished while it is queued or running "
+                       "(cancel it first), 409 in_use while it belongs to a batch or another job starts from it",
+            "security": SECURED,
+            "parameters": [_JOB_ID],
+            "responses": {"204": {"description": "Deleted"}, **error_responses(401, 404, 409)},
+        },
     },
     "/v1/jobs/{job_id}/cancel": {
         "post": {

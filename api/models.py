@@ -19,12 +19,14 @@ from sqlalchemy import or_, select, update
 from werkzeug.http import parse_options_header
 
 from api.auth import current_tenant_id
-from api.errors import (ApiError, BadRequest, InvalidCheckpoint, ModelNotFound, ModelNotReady, PayloadTooLarge,
+from api.deletion import committed
+from api.errors import (ApiError, BadRequest, Forbidden, InUse, InvalidCheckpoint, ModelNotFound, ModelNotReady, PayloadTooLarge,
                         ValidationError)
 from api.inputs import json_body, json_problem, known_only
 from api.multipart import MultipartReader
 from api.openapi import SECURED, error_responses
 from api.tasks import INSPECT_MODEL, send_task
+from storage import deletion
 from storage.db import get_session
 from storage.models import Model, new_id
 from storage.objects import InvalidKey, ObjectNotFound, copy_hashed, tenant_key, validate_key
@@ -73,10 +75,11 @@ READY_MODELS_KEPT = 1024  # per API process, the most recently used
 def ready_models() -> LRU:
     """The API process's cache of ready models (``app.extensions``), for ``ready_model``.
 
-    Never stale: a model is never deleted, only a pending model changes status, and a
-    ready row's owner and layers are written once. A submission then needs no model
-    query (about a tenth of its CPU); a model not ready yet is never kept. A route that
-    deletes or changes a ready model would have to reach every process's cache first.
+    A ready row's owner and layers are written once, and a model not ready yet is never
+    kept, so a submission needs no model query (about a tenth of its CPU). A model deleted
+    through another API process stays here until a submission's insert fails on it: the
+    foreign key refuses the job, and the submission forgets the model (``forget_model``)
+    and validates again, which answers 422.
     """
     return LRU(READY_MODELS_KEPT, "ready model")
 
@@ -97,6 +100,10 @@ def ready_model(model_id: str, tenant_id: str) -> ReadyModel:
     if model.tenant_id not in (None, tenant_id):  # kept for its owner; another tenant's reads as missing
         raise ValidationError(f"no model {model_id!r}", field="model")
     return model
+
+
+def forget_model(model_id: str) -> None:
+    current_app.extensions["palimpsest_ready_models"].discard(model_id)
 
 
 def model_json(model: Model) -> dict:
@@ -257,6 +264,19 @@ def list_models():
 @bp.get("/models/<model_id>")
 def show_model(model_id):
     return model_json(get_model(model_id))
+
+
+@bp.delete("/models/<model_id>")
+def delete_model(model_id):
+    """The tenant's model and, after the deletion grace period, its checkpoint; 409 while
+    jobs or batch merges name it, 403 for a shared model."""
+    model = get_model(model_id)
+    if model.tenant_id is None:
+        raise Forbidden(f"model {model.id} is shared by every tenant; an operator removes it")
+    with committed(f"model {model.id}", InUse) as session:
+        deletion.delete_model(session, model)
+    forget_model(model.id)
+    return "", 204
 
 
 @bp.post("/models")
@@ -462,6 +482,16 @@ OPENAPI_PATHS = {
             "security": SECURED,
             "parameters": [{"name": "model_id", "in": "path", "required": True, "schema": {"type": "string"}}],
             "responses": {"200": {"description": "The model", "content": _MODEL}, **error_responses(401, 404)},
-        }
+        },
+        "delete": {
+            "operationId": "deleteModel",
+            "tags": ["models"],
+            "summary": "Delete one of the tenant's models; its checkpoint leaves the store after "
+                       "PALIMPSEST_DELETION_GRACE_SECONDS. 409 in_use while jobs or batch merges name it (delete "
+                       "them first), 403 for a shared model",
+            "security": SECURED,
+            "parameters": [{"name": "model_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "responses": {"204": {"description": "Deleted"}, **error_responses(401, 403, 404, 409)},
+        },
     },
 }

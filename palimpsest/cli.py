@@ -8,8 +8,8 @@
     palimpsest keys create --tenant T  a new API key (printed once; only its sha256 is kept)
     palimpsest keys list|revoke        the keys (prefixes only), and revoking one
     palimpsest models register-demo    register the bundled demo generator for every tenant
-    palimpsest submit|jobs|show|cancel|download, models list|upload,
-      batch submit|results|list|show|cancel
+    palimpsest submit|jobs|show|cancel|delete|download, models list|upload|delete,
+      batch submit|results|list|show|cancel|delete
                                        the API's client (palimpsest/client.py), over HTTP
     palimpsest edit|stats|sample       the rewriting engine, locally (rewriting/cli.py)
 
@@ -424,6 +424,14 @@ def cancel(client, job_id):
     click.echo(f"{job['id']} {job['status']}" + (" (stopping)" if job["status"] == "running" else ""))
 
 
+@api_command(main, "delete")
+@click.argument("job_id")
+def delete_job(client, job_id):
+    """Delete an ended job and its artifacts (a running one: cancel it first)."""
+    client.delete_job(job_id)
+    click.echo(f"{job_id} deleted")
+
+
 @api_command(main, "download")
 @click.argument("job_id")
 @click.argument("name", type=click.Choice(["delta", "checkpoint", "preview", "metrics"]))
@@ -454,6 +462,14 @@ def upload_model(client, path, name, architecture, config_json):
     """Upload a safetensors checkpoint (streamed); it is usable once a worker has inspected it."""
     model = client.upload_model(path, name=name, architecture=architecture, config=config_json)
     click.echo(f"{model['id']} {model['status']} sha256 {model['sha256']}")
+
+
+@api_command(models, "delete")
+@click.argument("model_id")
+def delete_model(client, model_id):
+    """Delete one of your models and its checkpoint (once no job names it)."""
+    client.delete_model(model_id)
+    click.echo(f"{model_id} deleted")
 
 
 # -- batches ------------------------------------------------------------------------------
@@ -547,6 +563,14 @@ def cancel_batch(client, batch_id):
     """Cancel a batch: queued edits never run, running ones stop at their next step."""
     found = client.cancel_batch(batch_id)
     click.echo(f"{found['id']} {found['status']}")
+
+
+@api_command(batch, "delete")
+@click.argument("batch_id")
+def delete_batch(client, batch_id):
+    """Delete an ended batch with its edits and their artifacts."""
+    client.delete_batch(batch_id)
+    click.echo(f"{batch_id} deleted")
 
 
 # -- running several processes as one ------------------------------------------------

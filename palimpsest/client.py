@@ -1,6 +1,6 @@
 """A small HTTP client of the Palimpsest API, and the text the CLI prints.
 
-``palimpsest submit / jobs / show / cancel / download / models`` use it (palimpsest/cli.py).
+``palimpsest submit / jobs / show / cancel / delete / download / models / batch`` use it (palimpsest/cli.py).
 Errors come back as ``ApiError`` (the server's ``{"error": {code, message, field}}``)
 or ``Unreachable``; the CLI prints them on one line and exits 1.
 
@@ -88,6 +88,9 @@ class Client:
     def cancel(self, job_id: str) -> dict:
         return self.request("POST", f"/v1/jobs/{job_id}/cancel").json()
 
+    def delete_job(self, job_id: str) -> None:
+        self.request("DELETE", f"/v1/jobs/{job_id}")
+
     def events(self, job_id: str, after: int = 0) -> list[dict]:
         return self.request("GET", f"/v1/jobs/{job_id}/events", params={"after": after}).json()["events"]
 
@@ -163,6 +166,9 @@ class Client:
     def cancel_batch(self, batch_id: str) -> dict:
         return self.request("POST", f"/v1/batches/{batch_id}/cancel").json()
 
+    def delete_batch(self, batch_id: str) -> None:
+        self.request("DELETE", f"/v1/batches/{batch_id}")
+
     def batch_results(self, batch_id: str):
         """The results JSONL, line by line (bytes, newline included), as it streams in."""
         response = self.request("GET", f"/v1/batches/{batch_id}/results", stream=True)
@@ -191,6 +197,9 @@ class Client:
 
     def models(self) -> list[dict]:
         return self.request("GET", "/v1/models").json()["models"]
+
+    def delete_model(self, model_id: str) -> None:
+        self.request("DELETE", f"/v1/models/{model_id}")
 
     def resolve_model(self, model: str) -> str:
         """A model id, or the name of exactly one model this key can see."""

@@ -58,6 +58,10 @@ class Settings:
     # (reconcile_grace_seconds) to a worker that has not claimed the job counts as lost.
     reconcile_interval_seconds: int = 60
     reconcile_grace_seconds: int = 30
+    # Deleted jobs, batches and models (DELETE /v1/...): their objects stay in the store this long, then
+    # the reconciler deletes them (storage.deletion). Keep it well above a worker's longest wait between
+    # an upload and its commit (storage_retry_seconds and db_retry_seconds).
+    deletion_grace_seconds: int = 3600
     # A job whose lease expired this many times (its worker died each time) is failed (worker_lost).
     job_max_attempts: int = 3
     # Workers retry a database write (and an object store upload) with backoff for this long.
@@ -130,6 +134,7 @@ def load_settings(environ=None, **overrides) -> Settings:
         webhook_retry_seconds=_positive_int(env, "PALIMPSEST_WEBHOOK_RETRY_SECONDS", 10),
         reconcile_interval_seconds=_positive_int(env, "PALIMPSEST_RECONCILE_INTERVAL_SECONDS", 60),
         reconcile_grace_seconds=_positive_int(env, "PALIMPSEST_RECONCILE_GRACE_SECONDS", 30),
+        deletion_grace_seconds=_count(env, "PALIMPSEST_DELETION_GRACE_SECONDS", 3600),
         job_max_attempts=_positive_int(env, "PALIMPSEST_JOB_MAX_ATTEMPTS", 3),
         db_retry_seconds=_count(env, "PALIMPSEST_DB_RETRY_SECONDS", 60),
         storage_retry_seconds=_count(env, "PALIMPSEST_STORAGE_RETRY_SECONDS", 120),

@@ -414,3 +414,15 @@ class BatchMerge(Base):
     error_code: Mapped[str | None] = mapped_column(String(100))
     error_message: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class DeletedObject(Base):
+    """An object key whose last known row was deleted (``storage.deletion``). The store keeps
+    the object until ``deleted_at`` is older than ``PALIMPSEST_DELETION_GRACE_SECONDS``; then
+    the sweep deletes it unless a row names the key again (content-addressed keys are shared:
+    a worker may have written the same bytes for another job meanwhile)."""
+
+    __tablename__ = "deleted_objects"
+
+    object_key: Mapped[str] = mapped_column(String(1024), primary_key=True)
+    deleted_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)

@@ -1,4 +1,4 @@
-"""The API client commands (palimpsest submit/jobs/show/cancel/download, models list/upload)
+"""The API client commands (palimpsest submit/jobs/show/cancel/delete/download, models list/upload/delete)
 against a real HTTP server (werkzeug's, in a thread) running the real app on the embedded
 defaults. A thread stands in for the worker where a job must move (through
 storage.lifecycle, as a worker would)."""
@@ -184,6 +184,26 @@ def test_show_and_cancel(cli, app, alice, demo):
     again = cli("cancel", queued_job)
     assert again.exit_code == 1
     assert "409 job_finished" in again.stderr
+
+
+def test_delete_a_job_a_model_and_a_batch(cli, app, alice, demo):
+    from storage.models import Batch
+
+    model = add_model(app, alice.id)
+    job = add_job(app, alice.id, model, "succeeded")
+    running = add_job(app, alice.id, demo, "running")
+    refused = cli("delete", running)
+    assert refused.exit_code == 1 and "409 job_not_finished" in refused.stderr
+    assert cli("models", "delete", model).exit_code == 1  # its jobs name it
+    with sessions(app) as session:
+        batch = Batch(tenant_id=alice.id, status="completed")
+        session.add(batch)
+        session.flush()
+        batch_id = batch.id
+    assert cli("delete", job).stdout.strip() == f"{job} deleted"
+    assert cli("batch", "delete", batch_id).stdout.strip() == f"{batch_id} deleted"
+    assert cli("models", "delete", model).stdout.strip() == f"{model} deleted"
+    assert "403 forbidden" in cli("models", "delete", demo).stderr
 
 
 def test_download_checks_the_sha256(cli, app, alice, demo, tmp_path):

@@ -16,6 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from storage.deletion import revive
 from storage.objects import CHUNK_SIZE, StoredObject, content_key, copy_hashed
 
 
@@ -33,15 +34,17 @@ def file_sha256(path) -> str:
     return digest.hexdigest()
 
 
-def put_file(store, path, tenant_id: str | None, kind: str, name: str,
+def put_file(session_factory, store, path, tenant_id: str | None, kind: str, name: str,
              content_type: str | None = None, sha256: str | None = None) -> StoredObject:
     """Upload ``path`` to ``content_key(tenant_id, kind, <its sha256>, name)``.
 
     The file is hashed first (the key needs the hash) unless the caller just wrote it and
     knows its ``sha256``, then streamed; the store's own hash of what it received must
-    agree, or the upload is refused."""
+    agree, or the upload is refused. The key's deletion record, if a deleted row left one,
+    is dropped first (``storage.deletion.revive``), so the sweep leaves the object alone."""
     sha256 = sha256 or file_sha256(path)
     key = content_key(tenant_id, kind, sha256, name)
+    revive(session_factory, key)
     with open(path, "rb") as f:
         stored = store.put(key, f, content_type=content_type)
     if stored.sha256 != sha256:
@@ -49,10 +52,11 @@ def put_file(store, path, tenant_id: str | None, kind: str, name: str,
     return stored
 
 
-def put_bytes(store, data: bytes, tenant_id: str | None, kind: str, name: str,
+def put_bytes(session_factory, store, data: bytes, tenant_id: str | None, kind: str, name: str,
               content_type: str | None = None) -> StoredObject:
     """As ``put_file``, for a small object held in memory (a delta, a PNG, a JSON document)."""
     key = content_key(tenant_id, kind, hashlib.sha256(data).hexdigest(), name)
+    revive(session_factory, key)
     return store.put(key, io.BytesIO(data), content_type=content_type)
 
 

@@ -62,6 +62,10 @@ class LRU:
             while len(self._values) > self.capacity:
                 self._values.popitem(last=False)  # the model's memory goes with its last reference
 
+    def discard(self, key) -> None:
+        with self._lock:
+            self._values.pop(key, None)
+
     def __contains__(self, key) -> bool:
         return key in self._values
 

@@ -26,6 +26,9 @@ database and the broker and re-sends what is missing:
 5. **Batches** are swept (``workers.batches.sweep``): open batches are recounted (and
    moved on when their last member ended but its notice was lost), a merge or webhook
    delivery whose task was lost is sent again.
+6. **Deleted objects** are swept (``storage.deletion.sweep``): what deleted jobs, batches and
+   models left in the store goes once ``PALIMPSEST_DELETION_GRACE_SECONDS`` have passed, and
+   statistics of checkpoints that no row holds any more go with it.
 
 A re-sent job gets a ``progress`` event (``reconciler: re-sent ...``), and is not re-sent
 again within the grace period. A re-send that turns out to be a duplicate is harmless:
@@ -52,9 +55,10 @@ from datetime import datetime, timedelta
 from celery import shared_task
 from sqlalchemy import select
 
-from storage import lifecycle
+from storage import deletion, lifecycle
 from storage.db import session_scope
 from storage.models import Job, JobEvent, Model, Statistic, StatisticShard, utcnow
+from storage.objects import StorageError
 from workers.batches import job_ended, sweep
 from workers.celery_app import broker_priority
 from workers.deliveries import not_in_flight
@@ -81,6 +85,7 @@ class Report:
     resent_statistics: list = field(default_factory=list)
     resent_models: list = field(default_factory=list)
     batches: dict = field(default_factory=dict)  # what workers.batches.sweep did, by kind
+    deleted: dict = field(default_factory=dict)  # what storage.deletion.sweep did
     broker_listed: bool = True  # False: the broker cannot be listed (queued jobs left alone)
 
     @property
@@ -91,7 +96,8 @@ class Report:
     @property
     def acted(self) -> bool:
         return bool(self.resent_jobs or self.failed_jobs or self.cancelled_jobs or self.resent_statistics
-                    or self.resent_models or self.batch_repairs)
+                    or self.resent_models or self.batch_repairs
+                    or self.deleted.get("objects") or self.deleted.get("statistics"))
 
     def __str__(self):
         repaired = ", ".join(f"{kind} {n}" for kind, n in self.batch_repairs.items())
@@ -99,6 +105,8 @@ class Report:
                 f"{len(self.resent_models)} models; failed {len(self.failed_jobs)} jobs after too many attempts; "
                 f"cancelled {len(self.cancelled_jobs)} abandoned jobs"
                 + (f"; batches: {repaired}" if repaired else "")
+                + (f"; deleted {self.deleted['objects']} objects and {self.deleted['statistics']} statistics"
+                   if self.deleted.get("objects") or self.deleted.get("statistics") else "")
                 + ("" if self.broker_listed else " (the broker cannot be listed: queued jobs were not checked)"))
 
 
@@ -253,6 +261,10 @@ def reconcile_once(session_factory, celery, settings, *, all_queued: bool = Fals
             celery.send_task(INSPECT_MODEL, args=[model_id])
             report.resent_models.append(model_id)
     report.batches = sweep(session_factory, celery, in_flight_seconds=settings.task_time_limit)
+    try:
+        report.deleted = deletion.sweep(session_factory, celery.store, settings.deletion_grace_seconds, now)
+    except StorageError:
+        log.exception("reconcile: the store is away; deleted objects wait for the next pass")
     if report.acted:
         log.warning("reconcile: %s", report)
     return report

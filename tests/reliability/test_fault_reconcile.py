@@ -256,3 +256,19 @@ def test_the_pass_sweeps_batches_whose_last_notice_was_lost(world):
     with session_scope(session_factory) as s:
         batch = s.get(Batch, batch_id)
         assert (batch.status, batch.succeeded_count, batch.total_count) == ("completed", 2, 2)
+
+
+def test_the_pass_sweeps_deleted_objects_past_their_grace(world):
+    import io
+
+    from storage import deletion
+
+    celery, settings, session_factory, _ = world
+    key = "tenants/t/delta/" + "1" * 64 + "/delta.safetensors"
+    celery.store.put(key, io.BytesIO(b"delta"))
+    with session_scope(session_factory) as s:
+        deletion.record_deleted(s, [key], now=utcnow() - timedelta(seconds=settings.deletion_grace_seconds + 1))
+    report = reconcile_once(session_factory, celery, settings)
+    assert report.deleted["objects"] == 1
+    assert "deleted 1 objects" in str(report)
+    assert not celery.store.exists(key)

@@ -41,7 +41,7 @@ def test_task_objects_run_their_bodies(celery, tmp_path):
 
     # inspect_model: an upload, as the API stores it, becomes ready
     path = save_generator(tmp_path / "g.safetensors")
-    stored = put_file(celery.store, path, tenant_id, "models", "model.safetensors")
+    stored = put_file(celery.session_factory, celery.store, path, tenant_id, "models", "model.safetensors")
     with session_scope(celery.session_factory) as session:
         model = Model(tenant_id=tenant_id, name="g", architecture="demo-gan", config={}, sha256=stored.sha256,
                       size=stored.size, object_key=stored.key)

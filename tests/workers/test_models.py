@@ -31,7 +31,7 @@ class Tripwire:
 
 def upload(world, path, tenant_id, architecture="", config=None) -> str:
     """What the API does with an upload: store the bytes, insert a pending model."""
-    stored = put_file(world.store, path, tenant_id, "models", "model.safetensors")
+    stored = put_file(world.session_factory, world.store, path, tenant_id, "models", "model.safetensors")
     with session_scope(world.session_factory) as session:
         model = Model(tenant_id=tenant_id, name=path.name, architecture=architecture, config=config or {},
                       sha256=stored.sha256, size=stored.size, object_key=stored.key)

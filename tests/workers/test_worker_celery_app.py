@@ -121,13 +121,19 @@ def test_a_cache_hit_counts_as_a_use_and_every_task_prunes(tmp_path):
     import os
 
     from storage.objects import open_store
-    from workers.artifacts import cache_dir, fetch, put_bytes
+    import hashlib
+    import io
+
+    from storage.objects import content_key
+    from workers.artifacts import cache_dir, fetch
     from workers.celery_app import make_celery
 
     settings = load_settings({"PALIMPSEST_DATA_DIR": str(tmp_path), "PALIMPSEST_CACHE_DISK_MB": "1"})
     store = open_store(settings.storage_url)
     cache = cache_dir(settings.data_dir)
-    stored = [put_bytes(store, bytes([i]) * 400_000, "t", "models", "m.safetensors") for i in range(3)]
+    blobs = [bytes([i]) * 400_000 for i in range(3)]
+    stored = [store.put(content_key("t", "models", hashlib.sha256(b).hexdigest(), "m.safetensors"), io.BytesIO(b))
+              for b in blobs]
     paths = [fetch(store, s.key, cache, s.sha256) for s in stored]
     os.utime(paths[0], (1, 1))
     os.utime(paths[1], (2, 2))

@@ -1,0 +1,200 @@
+"""Deleting jobs, batches and models, and sweeping the objects they leave behind.
+
+Rows go at once, in the caller's transaction; objects go later. Keys are content-addressed
+(``storage.objects.content_key``), so one object can belong to several rows, and a worker may
+be writing the same bytes for another job while a row that named them is deleted. So a delete
+only records the keys its rows named (``DeletedObject``), and ``sweep`` deletes an object once
+its record is older than the grace period and no row names the key.
+
+Two writers meet at a record, and the record's row lock orders them:
+- a worker about to put an object first deletes the key's record (``revive``), in a
+  transaction of its own, then puts the object, then inserts its rows;
+- ``sweep`` deletes the records it acts on first, then deletes the objects, then commits.
+A worker that revives a key the sweep holds waits for the sweep's commit and puts the object
+again after it; one that revived first left no record to sweep. A record made after a
+worker's put (another row with that key deleted meanwhile) waits the grace period, by which
+time the worker's row names the key: keep the grace well above a worker's longest wait between
+its upload and its commit (its store and database retries, minutes at most by default).
+
+What may be deleted (the API turns the exceptions into 409s):
+- a job once it has ended (``succeeded``, ``failed``, ``cancelled``), unless it belongs to a
+  batch (delete the batch) or another job starts from its checkpoint (``base_job_id``);
+- a batch once it has ended (``completed``, ``failed``, ``cancelled``), with its members and
+  merges, unless a job outside it starts from one of its members;
+- a model no job or merge names, with its checkpoint and segmenter objects (whether the API
+  wrote them or the tenant registered a key of its own: deleting a model deletes its weights).
+
+Statistics are shared by checkpoint hash, not owned; ``sweep`` also removes a ready or failed
+statistic, with its shards, once no model, checkpoint artifact or merge has that hash (they
+are derived from the weights, so they go with the last copy of them).
+"""
+from datetime import datetime, timedelta
+
+from sqlalchemy import delete, select, union_all
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from storage.models import (
+    JOB_TERMINAL_STATUSES,
+    Artifact,
+    Batch,
+    BatchMerge,
+    DeletedObject,
+    Job,
+    Model,
+    Statistic,
+    StatisticShard,
+    WebhookDelivery,
+    utcnow,
+)
+
+BATCH_TERMINAL_STATUSES = ("completed", "failed", "cancelled")
+SWEEP_LIMIT = 1000  # statistics a sweep looks at; the next sweep takes the rest
+SWEEP_CHUNK = 100  # records locked at a time while their objects are deleted
+SAMPLE_IDS = 5  # dependents named in a refusal
+
+
+class NotFinished(Exception):
+    """The job or batch is still queued or running: cancel it first."""
+
+
+class InUse(Exception):
+    """Other rows depend on this one; the message names them."""
+
+
+def _ids(ids) -> str:
+    ids = list(ids)
+    more = f" and {len(ids) - SAMPLE_IDS} more" if len(ids) > SAMPLE_IDS else ""
+    return ", ".join(ids[:SAMPLE_IDS]) + more
+
+
+def record_deleted(session: Session, keys, now: datetime | None = None) -> None:
+    """Record ``keys`` for the sweep; a key recorded before starts its grace again."""
+    keys = sorted({key for key in keys if key})
+    if not keys:
+        return
+    insert = (postgresql.insert if session.bind.dialect.name == "postgresql" else sqlite.insert)(DeletedObject)
+    now = now or utcnow()
+    statement = insert.values([{"object_key": key, "deleted_at": now} for key in keys])
+    session.execute(statement.on_conflict_do_update(index_elements=["object_key"],
+                                                    set_={"deleted_at": statement.excluded.deleted_at}))
+
+
+def _delete_jobs(session: Session, job_ids: list[str]) -> None:
+    """Rows of ended jobs: their artifacts' keys recorded, their webhook notices dropped (events
+    and artifact rows go by cascade)."""
+    if not job_ids:
+        return
+    record_deleted(session, session.scalars(select(Artifact.object_key).where(Artifact.job_id.in_(job_ids))))
+    session.execute(delete(WebhookDelivery).where(WebhookDelivery.subject_id.in_(job_ids)))
+    session.execute(delete(Job).where(Job.id.in_(job_ids)))
+
+
+def delete_job(session: Session, job: Job) -> None:
+    """Delete an ended job that neither a batch nor another job depends on. The caller commits
+    (an ``IntegrityError`` then means a job naming it as its base was submitted meanwhile)."""
+    if job.status not in JOB_TERMINAL_STATUSES:
+        raise NotFinished(f"job {job.id} is {job.status}; cancel it (POST /v1/jobs/{job.id}/cancel) "
+                          "and delete it once it has ended")
+    if job.batch_id is not None:
+        raise InUse(f"job {job.id} belongs to batch {job.batch_id}; delete the batch instead")
+    chained = list(session.scalars(select(Job.id).where(Job.base_job_id == job.id).order_by(Job.id)))
+    if chained:
+        raise InUse(f"job {job.id} is the base of {_ids(chained)}; delete those first")
+    _delete_jobs(session, [job.id])
+
+
+def delete_batch(session: Session, batch: Batch) -> None:
+    """Delete an ended batch with its members, their artifacts and its merges."""
+    if batch.status not in BATCH_TERMINAL_STATUSES:
+        raise NotFinished(f"batch {batch.id} is {batch.status}; cancel it (POST /v1/batches/{batch.id}/cancel) "
+                          "and delete it once it has ended")
+    members = select(Job.id).where(Job.batch_id == batch.id)
+    outside = list(session.scalars(select(Job.id).where(Job.base_job_id.in_(members),
+                                                        Job.batch_id.is_distinct_from(batch.id)).order_by(Job.id)))
+    if outside:
+        raise InUse(f"jobs of batch {batch.id} are the base of {_ids(outside)}; delete those first")
+    merges = session.execute(select(BatchMerge.delta_object_key, BatchMerge.checkpoint_object_key,
+                                    BatchMerge.report_object_key).where(BatchMerge.batch_id == batch.id)).all()
+    record_deleted(session, [batch.input_object_key, batch.output_object_key, *(k for row in merges for k in row)])
+    # members chained on members: children first, so that no base_job_id points at a deleted row
+    member_ids = list(session.scalars(members))
+    remaining = set(member_ids)
+    while remaining:
+        bases = set(session.scalars(select(Job.base_job_id).where(Job.id.in_(remaining),
+                                                                  Job.base_job_id.is_not(None))))
+        leaves = sorted(remaining - bases) or sorted(remaining)
+        _delete_jobs(session, leaves)
+        remaining -= set(leaves)
+    session.execute(delete(WebhookDelivery).where(WebhookDelivery.subject_id == batch.id))
+    session.execute(delete(Batch).where(Batch.id == batch.id))  # merges go by cascade
+
+
+def delete_model(session: Session, model: Model) -> None:
+    """Delete a tenant's model that no job or merge names."""
+    jobs = session.scalar(select(Job.id).where(Job.model_id == model.id).limit(1))
+    merges = session.scalar(select(BatchMerge.id).where(BatchMerge.model_id == model.id).limit(1))
+    if jobs is not None or merges is not None:
+        raise InUse(f"model {model.id} has jobs (GET /v1/jobs?model={model.id}) or batch merges; "
+                    "delete them (or their batches) first")
+    record_deleted(session, [model.object_key, model.segmenter_object_key])
+    session.execute(delete(Model).where(Model.id == model.id))
+
+
+def _named_keys(session: Session, keys: list[str]) -> set[str]:
+    """Those of ``keys`` that some row names."""
+    columns = (Model.object_key, Model.segmenter_object_key, Artifact.object_key, Statistic.object_key,
+               StatisticShard.object_key, Batch.input_object_key, Batch.output_object_key,
+               BatchMerge.delta_object_key, BatchMerge.checkpoint_object_key, BatchMerge.report_object_key)
+    return set(session.scalars(union_all(*(select(column).where(column.in_(keys)) for column in columns))))
+
+
+def _orphaned_statistics(session: Session, before: datetime) -> list[str]:
+    """Ready or failed statistics, unchanged since ``before``, of a hash no row holds any more."""
+    hashes = union_all(select(Model.sha256), select(Artifact.sha256).where(Artifact.name == "checkpoint"),
+                       select(BatchMerge.checkpoint_sha256).where(BatchMerge.checkpoint_sha256.is_not(None)),
+                       select(BatchMerge.model_sha256))
+    return list(session.scalars(select(Statistic.id).where(
+        Statistic.status.in_(("ready", "failed")), Statistic.updated_at <= before,
+        Statistic.model_sha256.not_in(hashes)).limit(SWEEP_LIMIT)))
+
+
+def revive(session_factory, key: str) -> None:
+    """Before a worker puts ``key``: drop its record, so that no sweep deletes the object
+    (waits while a sweep holds the record; see the module doc)."""
+    from storage.db import session_scope  # storage.db imports the models, not this module
+
+    with session_scope(session_factory) as session:
+        session.execute(delete(DeletedObject).where(DeletedObject.object_key == key))
+
+
+def sweep(session_factory, store, grace_seconds: float, now: datetime | None = None) -> dict:
+    """One pass: orphaned statistics are recorded, then objects whose record is older than the
+    grace and whose key no row names are deleted from the store. Returns the counts."""
+    from storage.db import session_scope
+
+    now = now or utcnow()
+    before = now - timedelta(seconds=grace_seconds)
+    with session_scope(session_factory) as session:
+        orphans = _orphaned_statistics(session, before)
+        if orphans:
+            keys = session.scalars(union_all(
+                select(Statistic.object_key).where(Statistic.id.in_(orphans)),
+                select(StatisticShard.object_key).where(StatisticShard.statistic_id.in_(orphans))))
+            record_deleted(session, keys, now)
+            session.execute(delete(Statistic).where(Statistic.id.in_(orphans)))  # shards go by cascade
+    deleted = kept = 0
+    while True:
+        with session_scope(session_factory) as session:
+            due = select(DeletedObject.object_key).where(DeletedObject.deleted_at <= before).limit(SWEEP_CHUNK)
+            # deleting the records first takes their locks (the whole database on SQLite) until commit
+            keys = list(session.scalars(delete(DeletedObject).where(DeletedObject.object_key.in_(due))
+                                        .returning(DeletedObject.object_key)))
+            named = _named_keys(session, keys) if keys else set()
+            for key in keys:
+                if key not in named:
+                    store.delete(key)  # a store error rolls the records back for the next sweep
+        deleted += len(keys) - len(named)
+        kept += len(named)
+        if len(keys) < SWEEP_CHUNK:
+            return {"statistics": len(orphans), "objects": deleted, "kept": kept}
