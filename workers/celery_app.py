@@ -21,8 +21,8 @@ Queues: ``gpu`` (rewriting jobs; one worker process per GPU) and ``cpu``
   ``PALIMPSEST_BROKER_VISIBILITY_TIMEOUT`` (default 7200 s > 3900 s hard limit).
   kombu's SQLAlchemy transport passes transport options to ``create_engine``, so
   none are set for the embedded broker.
-- Shutdown: SIGTERM gives a warm shutdown, which waits for the running task. A job
-  hands itself back after ``PALIMPSEST_WORKER_SHUTDOWN_GRACE_SECONDS`` instead
+- Shutdown: SIGTERM gives a warm shutdown, which waits for the running task. A job (or a
+  statistic, or a shard) hands itself back after ``PALIMPSEST_WORKER_SHUTDOWN_GRACE_SECONDS`` instead
   (``PalimpsestCelery.shutdown_notice``, ``announce_shutdown``; docs/workers.md, Shutdown).
 """
 import logging

@@ -59,6 +59,12 @@ class ShutdownNotice:
         return bool(since) and time.monotonic() - since >= grace
 
 
+def handback_after(shutdown: "ShutdownNotice | None", grace: float):
+    """A ``Heartbeat``'s ``handback``: true once the worker has been stopping for ``grace``
+    seconds (None, never handed back, without a notice)."""
+    return None if shutdown is None else (lambda: shutdown.past(grace))
+
+
 class Heartbeat:
     """``with Heartbeat(session_factory, ttl, job_lease) as hb:`` renews until the block ends.
 

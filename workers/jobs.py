@@ -71,7 +71,7 @@ from workers.batches import job_ended
 from workers.artifacts import ChecksumMismatch, cache_dir, fetch, put_bytes, put_file
 from workers.cache import WorkerCache
 from workers.device import resolve_device
-from workers.heartbeat import Heartbeat, worker_name
+from workers.heartbeat import Heartbeat, handback_after, worker_name
 from workers.models import layer_json
 from workers.params import split_params
 from workers.retry import STORE_ERRORS, retry_call, retry_transaction
@@ -163,7 +163,6 @@ def process_job(session_factory, store, settings, job_id: str, owner: str | None
     ``workers.heartbeat.ShutdownNotice`` (None: never handed back)."""
     ttl = settings.job_lease_seconds
     grace = settings.worker_shutdown_grace_seconds
-    handback = None if shutdown is None else (lambda: shutdown.past(grace))
 
     lease = retry_transaction(
         session_factory,
@@ -172,7 +171,7 @@ def process_job(session_factory, store, settings, job_id: str, owner: str | None
         budget_s=settings.db_retry_seconds, what=f"job {job_id}: claim")
     if lease is None:
         return None
-    with Heartbeat(session_factory, ttl, lease, handback=handback) as heartbeat:
+    with Heartbeat(session_factory, ttl, lease, handback=handback_after(shutdown, grace)) as heartbeat:
         try:
             metrics, uploads = run_claimed(session_factory, store, settings, lease, heartbeat, warm, send_shard)
 

@@ -130,15 +130,20 @@ def complete_statistic(session: Session, row_id: str, token: int, stored, count:
     return result.rowcount == 1
 
 
-def release_statistic(session: Session, row_id: str, token: int, error: str | None = None) -> None:
+def release_statistic(session: Session, row_id: str, token: int, error: str | None = None,
+                      handed_back: bool = False) -> None:
     """Give the lease up: back to ``pending`` (cancelled), or ``failed`` with ``error``; the next
     worker that needs it tries again. A shard's statistic follows when no other worker
-    holds one of its shards: ``failed`` (with the shard's reason) or ``pending``."""
+    holds one of its shards: ``failed`` (with the shard's reason) or ``pending``.
+    ``handed_back``: the worker is stopping, so a shard's claim is given back (``attempts``):
+    an orderly stop is not a worker death."""
     table, held = _held(row_id, token)
     now = utcnow()
-    result = session.execute(update(table).where(*held).values(
-        status="failed" if error else "pending", error=error, lease_owner=None, lease_expires_at=None,
-        updated_at=now).execution_options(synchronize_session=False))
+    values = dict(status="failed" if error else "pending", error=error, lease_owner=None, lease_expires_at=None,
+                  updated_at=now)
+    if handed_back and table is StatisticShard:
+        values["attempts"] = StatisticShard.attempts - 1
+    result = session.execute(update(table).where(*held).values(**values).execution_options(synchronize_session=False))
     if table is StatisticShard and result.rowcount == 1:
         statistic_id = session.scalar(select(StatisticShard.statistic_id).where(StatisticShard.id == row_id))
         held_elsewhere = session.scalar(select(StatisticShard.id).where(
@@ -250,6 +255,9 @@ def claim_merge(session: Session, stat: Statistic, owner: str, ttl: float, now: 
     return claim_statistic(session, stat, owner, ttl, now)
 
 
+HANDED_BACK = "handed_back"  # what process_statistic and process_shard return when the worker was stopping
+
+
 def shard_sender(app):
     """``send(shard_id)`` through a Celery app: ``compute_shard`` at the top broker priority."""
     return lambda shard_id: app.send_task(COMPUTE_SHARD, args=[shard_id], priority=SHARD_BROKER_PRIORITY)
@@ -279,8 +287,10 @@ def _upload_moment(session_factory, store, cache: Path, moment, kind: str, metad
         return put_file(session_factory, store, path, None, kind, "second_moment.safetensors", "application/octet-stream")
 
 
-def _release(session_factory, row_id: str, token: int, retry_s: float, error: str | None = None) -> None:
-    retry_transaction(session_factory, lambda session: release_statistic(session, row_id, token, error=error),
+def _release(session_factory, row_id: str, token: int, retry_s: float, error: str | None = None,
+             handed_back: bool = False) -> None:
+    retry_transaction(session_factory, lambda session: release_statistic(session, row_id, token, error=error,
+                                                                         handed_back=handed_back),
                       budget_s=retry_s, what=f"{row_id}: release")
 
 
@@ -316,7 +326,7 @@ def _compute_piece(session_factory, store, cache: Path, model, row_id: str, toke
     except Cancelled:
         if heartbeat.statistic_lost and not heartbeat.should_stop():
             return None  # our lease expired and another worker took over
-        _release(session_factory, row_id, token, retry_s)
+        _release(session_factory, row_id, token, retry_s, handed_back=heartbeat.handing_back)
         raise
     except BaseException as e:
         _release(session_factory, row_id, token, retry_s, error=f"{type(e).__name__}: {e}")
@@ -502,17 +512,40 @@ def _give_up(session_factory, statistic_id: str, error: str) -> None:
         time.sleep((expires - utcnow()).total_seconds() + 0.1)
 
 
+def _give_back_delivery(session_factory, statistic_id: str, retry_s: float) -> None:
+    """Undo the count of a ``compute_statistic`` delivery that handed its work back (the
+    worker was stopping): an orderly stop is not a worker death."""
+    retry_transaction(session_factory, lambda session: session.execute(
+        update(Statistic).where(Statistic.id == statistic_id, Statistic.deliveries > 0)
+        .values(deliveries=Statistic.deliveries - 1).execution_options(synchronize_session=False)),
+        budget_s=retry_s, what=f"{statistic_id}: give back")
+    log.info("%s: handed back (the worker is stopping)", statistic_id)
+
+
+def _send_again(send, row_id: str) -> None:
+    """Send the task of work handed back; if the broker cannot take it, the reconciler sends
+    the statistic's task once its grace period has passed (no lease holds it)."""
+    try:
+        send()
+    except Exception:
+        log.exception("%s: handed back but not sent again; left to the reconciler", row_id)
+
+
 def process_statistic(session_factory, store, settings, statistic_id: str, owner: str | None = None,
-                      warm=None, send_shard=None) -> str | None:
+                      warm=None, send_shard=None, shutdown=None) -> str | None:
     """The body of ``compute_statistic``: make the statistic ready (or find it ready).
 
-    Returns its final status, or None when the row does not exist. A failure is recorded
+    Returns its final status, None when the row does not exist, or ``HANDED_BACK`` when the
+    worker was stopping (``shutdown``: its ``ShutdownNotice``): past the grace, the piece it
+    computed was released and this delivery not counted, and the caller sends the task
+    again for another worker. A failure is recorded
     on the row (``failed``, ``error``) and raised: no checkpoint with the statistic's bytes,
     or its object gone from the store or not matching its sha256. Deliveries are counted
     (``workers.deliveries``): past ``PALIMPSEST_JOB_MAX_ATTEMPTS`` of them (a statistic
     whose computation kills its worker) it is failed ``worker_lost`` instead."""
+    from rewriting.errors import Cancelled
     from workers.artifacts import ChecksumMismatch, cache_dir
-    from workers.heartbeat import Heartbeat, worker_name
+    from workers.heartbeat import Heartbeat, handback_after, worker_name
 
     owner = owner or worker_name()
     with session_scope(session_factory) as session:
@@ -535,12 +568,19 @@ def process_statistic(session_factory, store, settings, statistic_id: str, owner
             with session_scope(session_factory) as session:
                 _fail_unheld(session, statistic_id, error)
             raise
-        with Heartbeat(session_factory, settings.job_lease_seconds) as heartbeat:
-            _, stat = ensure_statistic(session_factory, store, cache_dir(settings.data_dir), model,
-                                       stat.model_sha256, stat.layer, stat.sample_spec, owner,
-                                       settings.job_lease_seconds, heartbeat, statistic_id=statistic_id,
-                                       shard_samples=settings.shard_samples, warm=warm, send_shard=send_shard,
-                                       retry_s=settings.db_retry_seconds)
+        handback = handback_after(shutdown, settings.worker_shutdown_grace_seconds)
+        with Heartbeat(session_factory, settings.job_lease_seconds, handback=handback) as heartbeat:
+            try:
+                _, stat = ensure_statistic(session_factory, store, cache_dir(settings.data_dir), model,
+                                           stat.model_sha256, stat.layer, stat.sample_spec, owner,
+                                           settings.job_lease_seconds, heartbeat, statistic_id=statistic_id,
+                                           shard_samples=settings.shard_samples, warm=warm, send_shard=send_shard,
+                                           retry_s=settings.db_retry_seconds)
+            except Cancelled:
+                if not heartbeat.handing_back:
+                    raise
+                _give_back_delivery(session_factory, statistic_id, settings.db_retry_seconds)
+                return HANDED_BACK
     return stat.status
 
 
@@ -564,7 +604,7 @@ def give_up_shard(session: Session, shard: StatisticShard, max_attempts: int) ->
 
 
 def process_shard(session_factory, store, settings, shard_id: str, owner: str | None = None,
-                  warm=None) -> str | None:
+                  warm=None, shutdown=None) -> str | None:
     """The body of ``compute_shard``: compute one shard of the statistic, then merge it if
     every shard is ready. The shard named, or, when another worker holds it or it is done,
     the next open shard of the same statistic: a message is one shard's worth of work, so
@@ -574,14 +614,17 @@ def process_shard(session_factory, store, settings, shard_id: str, owner: str | 
     such shard, the statistic ready, every open shard held, or the lease was lost on the
     way). A failure is recorded on the shard and raised. A shard named that was claimed
     ``PALIMPSEST_JOB_MAX_ATTEMPTS`` times already and is still open is failed instead
-    (``give_up_shard``)."""
+    (``give_up_shard``). ``HANDED_BACK`` when the worker was stopping (``shutdown``), as for
+    ``process_statistic``: the shard is released and its claim given back."""
+    from rewriting.errors import Cancelled
     from workers.artifacts import cache_dir
-    from workers.heartbeat import Heartbeat, worker_name
+    from workers.heartbeat import Heartbeat, handback_after, worker_name
 
     owner = owner or worker_name()
     ttl = settings.job_lease_seconds
     cache = cache_dir(settings.data_dir)
-    with Heartbeat(session_factory, ttl) as heartbeat:
+    handback = handback_after(shutdown, settings.worker_shutdown_grace_seconds)
+    with Heartbeat(session_factory, ttl, handback=handback) as heartbeat:
         unavailable = key = None
         with session_scope(session_factory) as session:
             shard = session.get(StatisticShard, shard_id, populate_existing=True)
@@ -616,9 +659,15 @@ def process_shard(session_factory, store, settings, shard_id: str, owner: str | 
             with session_scope(session_factory) as session:
                 release_statistic(session, shard.id, step.token, error=f"{type(e).__name__}: {e}")
             raise
-        moment = _compute_piece(session_factory, store, cache, model, shard.id, step.token, stat.layer,
-                                range(shard.seed_start, shard.seed_stop), stat.model_sha256, heartbeat, None,
-                                "statistic_shards", settings.db_retry_seconds)
+        try:
+            moment = _compute_piece(session_factory, store, cache, model, shard.id, step.token, stat.layer,
+                                    range(shard.seed_start, shard.seed_stop), stat.model_sha256, heartbeat, None,
+                                    "statistic_shards", settings.db_retry_seconds)
+        except Cancelled:
+            if not heartbeat.handing_back:
+                raise
+            log.info("%s: handed back (the worker is stopping)", shard.id)
+            return HANDED_BACK
         if moment is None:
             return None
         with session_scope(session_factory) as session:
@@ -637,12 +686,18 @@ def compute_statistic(self, statistic_id: str) -> None:
     """Precompute a statistic (``POST /v1/statistics``). Queue ``gpu``. Safe to run twice:
     a ready statistic is left alone, one being computed elsewhere is waited for (and its
     open shards computed)."""
-    process_statistic(self.app.session_factory, self.app.store, self.app.settings, statistic_id,
-                      warm=self.app.cache, send_shard=shard_sender(self.app))
+    status = process_statistic(self.app.session_factory, self.app.store, self.app.settings, statistic_id,
+                               warm=self.app.cache, send_shard=shard_sender(self.app),
+                               shutdown=self.app.shutdown_notice)
+    if status == HANDED_BACK:
+        _send_again(lambda: self.app.send_task(self.name, args=[statistic_id]), statistic_id)
 
 
 @shared_task(bind=True, name=COMPUTE_SHARD)
 def compute_shard(self, shard_id: str) -> None:
     """Compute one shard of a statistic (and merge, if it was the last). Queue ``gpu``. Safe
     to run twice: a ready shard, or one held by a live lease, is left alone."""
-    process_shard(self.app.session_factory, self.app.store, self.app.settings, shard_id, warm=self.app.cache)
+    did = process_shard(self.app.session_factory, self.app.store, self.app.settings, shard_id, warm=self.app.cache,
+                        shutdown=self.app.shutdown_notice)
+    if did == HANDED_BACK:
+        _send_again(lambda: shard_sender(self.app)(shard_id), shard_id)

@@ -1,5 +1,5 @@
 """A worker is told to stop (SIGTERM to its main process: a deploy, a Kubernetes pod
-eviction) while its job is optimizing.
+eviction) while its job is optimizing, or while it computes a shard of a statistic.
 
 Celery's warm shutdown would wait for the job to end, however long it takes, and an
 orchestrator SIGKILLs the worker after its grace period (30 s in Kubernetes); the job
@@ -7,7 +7,8 @@ would then wait for its lease to expire and for the reconciler. Instead the job 
 for ``PALIMPSEST_WORKER_SHUTDOWN_GRACE_SECONDS``, then stops between optimizer steps,
 releases its lease (``queued`` again) and sends its task again: the other worker takes it
 at once, and the stopping worker exits within the grace plus a few seconds. A job that
-ends within the grace simply ends where it runs.
+ends within the grace simply ends where it runs. A statistic's shard is handed back the
+same way: released, its claim given back, its task sent again.
 
 Real processes: PostgreSQL, its own Redis, `palimpsest serve`, two `palimpsest worker`
 processes; no beat, so nothing here can come from the reconciler.
@@ -18,6 +19,7 @@ import time
 import pytest
 
 from faults import assert_one_artifact_set, fault_stack, now, seconds, warm_service
+from stack import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -25,11 +27,14 @@ GRACE_S = 4
 # The stopping worker's exit: the grace, one poll of the notice (1 s) and one optimizer step,
 # the release, then Celery's own warm shutdown (about 2.5 s measured on this 2-core machine).
 EXIT_SLACK_S = 8
+# Shards big enough that one takes well over the grace on one core (layer4 of the demo generator).
+SHARD_SAMPLES = 12288
 
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
-    with fault_stack(tmp_path_factory, "shutdown", PALIMPSEST_WORKER_SHUTDOWN_GRACE_SECONDS=str(GRACE_S)) as stack, \
+    with fault_stack(tmp_path_factory, "shutdown", PALIMPSEST_WORKER_SHUTDOWN_GRACE_SECONDS=str(GRACE_S),
+                     PALIMPSEST_SHARD_SAMPLES=str(SHARD_SAMPLES)) as stack, \
             warm_service(stack, workers=2) as service:
         yield service
 
@@ -100,3 +105,50 @@ def test_a_job_that_ends_within_the_grace_ends_on_its_worker(service, figures):
     assert_one_artifact_set(service, job_id)
     figures.update(grace_s=GRACE_S, sigterm_to_exit_s=round(exit_s, 2),
                    sigterm_to_succeeded_s=seconds(sent_at, final.finished_at))
+
+
+def test_a_stopping_worker_hands_its_statistic_shard_to_the_other_worker(service, figures):
+    from sqlalchemy import select
+
+    from storage.models import Statistic, StatisticShard
+
+    while len(service.workers) < 2:
+        service.start_workers(1)
+    # two shards: the statistic's own task computes one, the other worker the other
+    stat_id = service.client.request("POST", "/v1/statistics", json={
+        "model": service.model_id, "layer": "layer4", "samples": 2 * SHARD_SAMPLES}).json()["id"]
+
+    def computing():
+        with service.session() as session:
+            shards = list(session.scalars(select(StatisticShard).where(StatisticShard.statistic_id == stat_id)
+                                          .order_by(StatisticShard.number)))
+        held = [s for s in shards if s.status == "computing" and s.lease_owner]
+        return held[0] if held else None
+
+    shard = wait_until(computing, 120, interval=0.1, what="a shard computing")
+    victim = service.worker_of(shard)
+    sent_at, start = now(), time.monotonic()
+    victim.signal(signal.SIGTERM)
+    victim.popen.wait(timeout=300)
+    exit_s = time.monotonic() - start
+    service.workers.remove(victim)
+    assert victim.popen.returncode == 0
+    assert exit_s < GRACE_S + EXIT_SLACK_S, victim.log()[-3000:]
+    assert "handed back (the worker is stopping)" in victim.log()
+
+    def ready():
+        with service.session() as session:
+            stat = session.get(Statistic, stat_id)
+            assert stat.status in ("pending", "computing", "ready"), (stat.status, stat.error)
+            return stat if stat.status == "ready" else None
+
+    stat = wait_until(ready, 300, interval=0.25, what=f"{stat_id} ready")
+    with service.session() as session:
+        shards = {s.id: s for s in session.scalars(select(StatisticShard).where(
+            StatisticShard.statistic_id == stat_id))}
+    assert stat.count == sum(s.count for s in shards.values())
+    # the handed-back claim was given back: one claim counted, by the worker that finished it
+    assert shards[shard.id].attempts == 1
+    assert all(s.status == "ready" for s in shards.values())
+    figures.update(grace_s=GRACE_S, sigterm_to_exit_s=round(exit_s, 2),
+                   sigterm_to_ready_s=seconds(sent_at, stat.updated_at))
