@@ -159,19 +159,16 @@ def _orphaned_statistics(session: Session, before: datetime) -> list[str]:
         Statistic.model_sha256.not_in(hashes)).limit(SWEEP_LIMIT)))
 
 
-def revive(session_factory, key: str) -> None:
+def revive(session: Session, key: str) -> None:
     """Before a worker puts ``key``: drop its record, so that no sweep deletes the object
-    (waits while a sweep holds the record; see the module doc)."""
-    from storage.db import session_scope  # storage.db imports the models, not this module
-
-    with session_scope(session_factory) as session:
-        session.execute(delete(DeletedObject).where(DeletedObject.object_key == key))
+    (waits while a sweep holds the record; see the module doc). Commit before the put."""
+    session.execute(delete(DeletedObject).where(DeletedObject.object_key == key))
 
 
 def sweep(session_factory, store, grace_seconds: float, now: datetime | None = None) -> dict:
     """One pass: orphaned statistics are recorded, then objects whose record is older than the
     grace and whose key no row names are deleted from the store. Returns the counts."""
-    from storage.db import session_scope
+    from storage.db import session_scope  # storage.db imports the models, not this module
 
     now = now or utcnow()
     before = now - timedelta(seconds=grace_seconds)

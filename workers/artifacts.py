@@ -18,6 +18,7 @@ from pathlib import Path
 
 from storage.deletion import revive
 from storage.objects import CHUNK_SIZE, StoredObject, content_key, copy_hashed
+from workers.retry import retry_transaction
 
 
 class ChecksumMismatch(Exception):
@@ -35,16 +36,17 @@ def file_sha256(path) -> str:
 
 
 def put_file(session_factory, store, path, tenant_id: str | None, kind: str, name: str,
-             content_type: str | None = None, sha256: str | None = None) -> StoredObject:
+             content_type: str | None = None, sha256: str | None = None, db_retry_s: float = 0) -> StoredObject:
     """Upload ``path`` to ``content_key(tenant_id, kind, <its sha256>, name)``.
 
     The file is hashed first (the key needs the hash) unless the caller just wrote it and
     knows its ``sha256``, then streamed; the store's own hash of what it received must
     agree, or the upload is refused. The key's deletion record, if a deleted row left one,
-    is dropped first (``storage.deletion.revive``), so the sweep leaves the object alone."""
+    is dropped first (``storage.deletion.revive``, tried again for ``db_retry_s`` while the
+    database is away), so the sweep leaves the object alone."""
     sha256 = sha256 or file_sha256(path)
     key = content_key(tenant_id, kind, sha256, name)
-    revive(session_factory, key)
+    _revive(session_factory, key, db_retry_s)
     with open(path, "rb") as f:
         stored = store.put(key, f, content_type=content_type)
     if stored.sha256 != sha256:
@@ -53,11 +55,16 @@ def put_file(session_factory, store, path, tenant_id: str | None, kind: str, nam
 
 
 def put_bytes(session_factory, store, data: bytes, tenant_id: str | None, kind: str, name: str,
-              content_type: str | None = None) -> StoredObject:
+              content_type: str | None = None, db_retry_s: float = 0) -> StoredObject:
     """As ``put_file``, for a small object held in memory (a delta, a PNG, a JSON document)."""
     key = content_key(tenant_id, kind, hashlib.sha256(data).hexdigest(), name)
-    revive(session_factory, key)
+    _revive(session_factory, key, db_retry_s)
     return store.put(key, io.BytesIO(data), content_type=content_type)
+
+
+def _revive(session_factory, key: str, db_retry_s: float) -> None:
+    retry_transaction(session_factory, lambda session: revive(session, key), budget_s=db_retry_s,
+                      what=f"{key}: revive")
 
 
 def cache_dir(data_dir) -> Path:

@@ -311,7 +311,8 @@ def run_claimed(session_factory, store, settings, lease, heartbeat, warm=None, s
 
     def upload(put, source, kind, name, *rest):  # rest: content type (and a put_file's known sha256)
         # content-addressed: an upload tried again writes the same bytes to the same key
-        return retry_call(lambda: put(session_factory, store, source, tenant, kind, name, *rest),
+        return retry_call(lambda: put(session_factory, store, source, tenant, kind, name, *rest,
+                                      db_retry_s=settings.db_retry_seconds),
                           budget_s=settings.storage_retry_seconds, errors=STORE_ERRORS,
                           give_up=heartbeat.should_stop, what=f"job {lease.job_id}: upload {kind}")
 

@@ -206,10 +206,11 @@ def merge_group(session_factory, store, settings, tenant_id: str, plans: list, w
         checkpoint_sha256 = materialize(fetch(store, base_key, cache, base_sha256), [result.delta], checkpoint,
                                         base_sha256=base_sha256)
         delta = put_bytes(session_factory, store, result.delta.to_bytes(), tenant_id, "delta", "delta.safetensors",
-                          "application/octet-stream")
-        stored = put_file(session_factory, store, checkpoint, tenant_id, "checkpoint", "model.safetensors", "application/octet-stream",
-                          checkpoint_sha256)
-        report_object = put_bytes(session_factory, store, body, tenant_id, "merge_report", "merge_report.json", "application/json")
+                          "application/octet-stream", db_retry_s=settings.db_retry_seconds)
+        stored = put_file(session_factory, store, checkpoint, tenant_id, "checkpoint", "model.safetensors",
+                          "application/octet-stream", checkpoint_sha256, db_retry_s=settings.db_retry_seconds)
+        report_object = put_bytes(session_factory, store, body, tenant_id, "merge_report", "merge_report.json",
+                                  "application/json", db_retry_s=settings.db_retry_seconds)
     log.info("merged %d rules at %s of %s: rank %d, loss %.4g -> %.4g", len(rules), layer, base_sha256[:12],
              result.rank, result.initial_loss, result.loss)
     return dict(status="succeeded", rank=result.rank, report=report,

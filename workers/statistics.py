@@ -277,14 +277,15 @@ def _send(send_shard, shard_ids) -> None:
 
 # --- computing ---------------------------------------------------------------------------
 
-def _upload_moment(session_factory, store, cache: Path, moment, kind: str, metadata: dict):
+def _upload_moment(session_factory, store, cache: Path, moment, kind: str, metadata: dict, retry_s: float = 0):
     """Save ``moment`` (safetensors) and put it in the store under ``kind``; the StoredObject."""
     from workers.artifacts import put_file
 
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         path = Path(tmp) / "second_moment.safetensors"
         moment.save(path, metadata=metadata)
-        return put_file(session_factory, store, path, None, kind, "second_moment.safetensors", "application/octet-stream")
+        return put_file(session_factory, store, path, None, kind, "second_moment.safetensors", "application/octet-stream",
+                        db_retry_s=retry_s)
 
 
 def _release(session_factory, row_id: str, token: int, retry_s: float, error: str | None = None,
@@ -322,7 +323,7 @@ def _compute_piece(session_factory, store, cache: Path, model, row_id: str, toke
         moment = compute_second_moment(
             model, layer, f"{seeds.start}-{seeds.stop - 1}", progress=progress,
             should_stop=lambda: heartbeat.should_stop() or heartbeat.statistic_lost, model_sha256=model_sha256)
-        stored = _upload_moment(session_factory, store, cache, moment, kind, {"sample_spec": spec})
+        stored = _upload_moment(session_factory, store, cache, moment, kind, {"sample_spec": spec}, retry_s)
     except Cancelled:
         if heartbeat.statistic_lost and not heartbeat.should_stop():
             return None  # our lease expired and another worker took over
@@ -359,7 +360,7 @@ def merge_shards(session_factory, store, cache: Path, statistic_id: str, token: 
             raise RuntimeError(f"the shards of {statistic_id} cover {total.metadata.get('seeds')}, "
                                f"not {stat.sample_spec}")
         stored = _upload_moment(session_factory, store, cache, total, "statistics",
-                                {"sample_spec": stat.sample_spec, "shards": str(len(shards))})
+                                {"sample_spec": stat.sample_spec, "shards": str(len(shards))}, retry_s)
     except BaseException as e:
         _release(session_factory, statistic_id, token, retry_s, error=f"merge: {type(e).__name__}: {e}")
         raise

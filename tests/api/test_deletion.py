@@ -118,7 +118,8 @@ def test_an_object_written_again_before_the_sweep_is_kept(app, client, alice, mo
     (key,) = keys_of(app, job)
     assert client.delete(f"/v1/jobs/{job}", headers=alice.headers).status_code == 204
     # a worker about to put the same bytes for another job revives the key first
-    deletion.revive(app.extensions["palimpsest_db"].session_factory, key)
+    with sessions(app) as session:
+        deletion.revive(session, key)
     assert sweep(app)["objects"] == 0
     assert stored(app, key)
 

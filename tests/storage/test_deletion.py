@@ -69,8 +69,9 @@ def test_a_worker_reviving_a_key_waits_for_the_sweep_then_puts_it_again(session_
     record(session_factory, key, age_s=120)
     revived = threading.Event()
 
-    def worker():  # workers.artifacts.put_file: revive, then put
-        deletion.revive(session_factory, key)
+    def worker():  # workers.artifacts.put_file: revive (committed), then put
+        with session_scope(session_factory) as session:
+            deletion.revive(session, key)
         revived.set()
         store.put(key, io.BytesIO(b"weights"))
 
