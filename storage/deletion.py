@@ -35,6 +35,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from storage.models import (
+    BATCH_TERMINAL_STATUSES,
     JOB_TERMINAL_STATUSES,
     Artifact,
     Batch,
@@ -48,7 +49,6 @@ from storage.models import (
     utcnow,
 )
 
-BATCH_TERMINAL_STATUSES = ("completed", "failed", "cancelled")
 SWEEP_LIMIT = 1000  # statistics a sweep looks at; the next sweep takes the rest
 SWEEP_CHUNK = 100  # records locked at a time while their objects are deleted
 SAMPLE_IDS = 5  # dependents named in a refusal

@@ -50,6 +50,7 @@ JOB_EVENT_KINDS = ("transition", "progress")
 BATCH_STATUSES = (
     "validating", "in_progress", "finalizing", "completed", "failed", "cancelling", "cancelled",
 )
+BATCH_TERMINAL_STATUSES = ("completed", "failed", "cancelled")
 STATISTIC_STATUSES = ("pending", "computing", "ready", "failed")
 MODEL_STATUSES = ("pending", "ready", "failed")
 WEBHOOK_EVENTS = ("job.completed", "batch.completed")

@@ -36,7 +36,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from storage.db import session_scope
-from storage.models import Batch, Job, WebhookDelivery, new_id, utcnow
+from storage.models import BATCH_TERMINAL_STATUSES, Batch, Job, WebhookDelivery, new_id, utcnow
 from workers.deliveries import not_in_flight
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,6 @@ log = logging.getLogger(__name__)
 MERGE_BATCH = "workers.merge.merge_batch"
 DELIVER_WEBHOOK = "workers.webhooks.deliver_webhook"
 
-BATCH_TERMINAL = ("completed", "failed", "cancelled")
 ALLOWED = {
     "validating": {"in_progress", "failed"},
     "in_progress": {"finalizing", "cancelling", "failed"},
@@ -68,7 +67,7 @@ def set_status(session, batch_id: str, current: str, wanted: str, **values) -> b
     still ``current``; False when it changed first. The caller commits."""
     if wanted not in ALLOWED[current]:
         raise IllegalBatchTransition(batch_id, current, wanted)
-    if wanted in BATCH_TERMINAL:
+    if wanted in BATCH_TERMINAL_STATUSES:
         values.setdefault("finished_at", utcnow())
     result = session.execute(update(Batch).where(Batch.id == batch_id, Batch.status == current)
                              .values(status=wanted, updated_at=utcnow(), **values)
@@ -191,7 +190,7 @@ def fail_batch(session_factory, batch_id: str, code: str, message: str, celery=N
 
     with session_scope(session_factory) as session:
         batch = session.get(Batch, batch_id, populate_existing=True)
-        if batch is None or batch.status in BATCH_TERMINAL:
+        if batch is None or batch.status in BATCH_TERMINAL_STATUSES:
             return False
         for job in list(session.scalars(select(Job).where(Job.batch_id == batch_id,
                                                           Job.status.in_(OPEN_JOB_STATUSES)))):
