@@ -20,8 +20,8 @@ from werkzeug.http import parse_options_header
 
 from api.auth import current_tenant_id
 from api.deletion import committed
-from api.errors import (ApiError, BadRequest, Forbidden, InUse, InvalidCheckpoint, ModelNotFound, ModelNotReady, PayloadTooLarge,
-                        ValidationError)
+from api.errors import (ApiError, BadRequest, Forbidden, InUse, InvalidCheckpoint, ModelNotFound, ModelNotReady,
+                        PayloadTooLarge, ValidationError)
 from api.inputs import json_body, json_problem, known_only
 from api.multipart import MultipartReader
 from api.openapi import SECURED, error_responses

@@ -244,24 +244,26 @@ def register_model_file(session_factory, store, path, *, tenant_id: str | None =
         # The row may outlive its objects (a store wiped or replaced): put them back.
         # Keys are content-addressed, so the same bytes land at the keys the row names.
         if not store.exists(existing.object_key):
-            put_file(session_factory, store, path, tenant_id, "models", "model.safetensors", "application/octet-stream")
+            put_file(session_factory, store, path, tenant_id, "models", "model.safetensors",
+                     "application/octet-stream")
         if segmenter_path is not None and not (existing.segmenter_object_key
                                                and store.exists(existing.segmenter_object_key)):
             # lost from the store, or registered before a segmenter existed: (re)attach it
             segmenter = inspect_file(segmenter_path, generator=False)
-            key = put_file(session_factory, store, segmenter_path, tenant_id, "segmenters", "segmenter.safetensors",
-                           "application/octet-stream").key
+            key = put_file(session_factory, store, segmenter_path, tenant_id, "segmenters",
+                           "segmenter.safetensors", "application/octet-stream").key
             with session_scope(session_factory) as session:
                 session.execute(update(Model).where(Model.id == existing.id).values(
                     segmenter_object_key=key, segmenter_architecture=segmenter.architecture))
         return existing.id
     found = inspect_file(path, architecture, config)
-    stored = put_file(session_factory, store, path, tenant_id, "models", "model.safetensors", "application/octet-stream")
+    stored = put_file(session_factory, store, path, tenant_id, "models", "model.safetensors",
+                      "application/octet-stream")
     segmenter_key = segmenter_architecture = None
     if segmenter_path is not None:
         segmenter = inspect_file(segmenter_path, generator=False)
-        segmenter_key = put_file(session_factory, store, segmenter_path, tenant_id, "segmenters", "segmenter.safetensors",
-                                 "application/octet-stream").key
+        segmenter_key = put_file(session_factory, store, segmenter_path, tenant_id, "segmenters",
+                                 "segmenter.safetensors", "application/octet-stream").key
         segmenter_architecture = segmenter.architecture
     with session_scope(session_factory) as session:
         model = Model(tenant_id=tenant_id, name=name, architecture=found.architecture, config=found.config,

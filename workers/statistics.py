@@ -284,8 +284,8 @@ def _upload_moment(session_factory, store, cache: Path, moment, kind: str, metad
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         path = Path(tmp) / "second_moment.safetensors"
         moment.save(path, metadata=metadata)
-        return put_file(session_factory, store, path, None, kind, "second_moment.safetensors", "application/octet-stream",
-                        db_retry_s=retry_s)
+        return put_file(session_factory, store, path, None, kind, "second_moment.safetensors",
+                        "application/octet-stream", db_retry_s=retry_s)
 
 
 def _release(session_factory, row_id: str, token: int, retry_s: float, error: str | None = None,

@@ -48,7 +48,8 @@ def get(world, table, row_id):
 
 def uploaded_model(world, tmp_path, **columns) -> str:
     tenant = world.tenant()
-    stored = put_file(world.session_factory, world.store, save_generator(tmp_path / "g.safetensors"), tenant, "models", "model.safetensors")
+    stored = put_file(world.session_factory, world.store, save_generator(tmp_path / "g.safetensors"), tenant, "models",
+                      "model.safetensors")
     with session_scope(world.session_factory) as session:
         model = Model(**{"tenant_id": tenant, "name": "g", "architecture": "", "config": {}, "sha256": stored.sha256,
                          "size": stored.size, "object_key": stored.key, **columns})

@@ -345,7 +345,8 @@ def test_a_job_waits_while_another_worker_holds_the_last_shard(sharded, tiny_mod
     seeds = range(shard.seed_start, shard.seed_stop)
     part = compute_second_moment(load_model(tiny_model.path), STAT_LAYER, f"{seeds.start}-{seeds.stop - 1}")
     part.save(sharded.tmp_path / "part.safetensors")
-    stored = put_file(sharded.session_factory, sharded.store, sharded.tmp_path / "part.safetensors", None, "statistic_shards", "p.safetensors")
+    stored = put_file(sharded.session_factory, sharded.store, sharded.tmp_path / "part.safetensors", None,
+                      "statistic_shards", "p.safetensors")
     with session_scope(sharded.session_factory) as session:
         assert complete_statistic(session, shard_ids[0], token, stored, part.count)
     thread.join(timeout=60)

@@ -142,7 +142,8 @@ def test_job_waits_for_a_statistic_computed_elsewhere(database_url, tmp_path, ti
     moment = compute_second_moment(load_model(tiny_model.path), STAT_LAYER, f"100000-{100000 + SAMPLES - 1}",
                                    model_sha256=sha)
     moment.save(tmp_path / "moment.safetensors")
-    stored = put_file(world.session_factory, world.store, tmp_path / "moment.safetensors", None, "statistics", "second_moment.safetensors")
+    stored = put_file(world.session_factory, world.store, tmp_path / "moment.safetensors", None, "statistics",
+                      "second_moment.safetensors")
     with session_scope(world.session_factory) as session:
         assert complete_statistic(session, stat.id, token, stored, moment.count)
     thread.join(timeout=60)
