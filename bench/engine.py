@@ -287,7 +287,8 @@ def main():
     p.add_argument("--batch", default=None, help="batch sizes, comma-separated (default: the engine's for the device)")
     p.add_argument("--device", default="auto")
     p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds of the statistics part")
-    p.add_argument("--latent-threads", type=int, help="threads drawing latents for the statistic (default: the engine's)")
+    p.add_argument("--latent-threads", type=int,
+                   help="threads drawing latents for the statistic (default: the engine's)")
     p.add_argument("--part", choices=["all", "statistics", "insert"], default="all")
     args = p.parse_args()
     name = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")

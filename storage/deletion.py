@@ -30,7 +30,7 @@ are derived from the weights, so they go with the last copy of them).
 """
 from datetime import datetime, timedelta
 
-from sqlalchemy import delete, select, union_all
+from sqlalchemy import delete, exists, or_, select, union_all
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -51,6 +51,7 @@ from storage.models import (
 
 SWEEP_LIMIT = 1000  # statistics a sweep looks at; the next sweep takes the rest
 SWEEP_CHUNK = 100  # records locked at a time while their objects are deleted
+RECORD_CHUNK = 1000  # keys an INSERT records: a batch's 40,000 would pass the databases' bind limits
 SAMPLE_IDS = 5  # dependents named in a refusal
 
 
@@ -75,19 +76,19 @@ def record_deleted(session: Session, keys, now: datetime | None = None) -> None:
         return
     insert = (postgresql.insert if session.bind.dialect.name == "postgresql" else sqlite.insert)(DeletedObject)
     now = now or utcnow()
-    statement = insert.values([{"object_key": key, "deleted_at": now} for key in keys])
-    session.execute(statement.on_conflict_do_update(index_elements=["object_key"],
-                                                    set_={"deleted_at": statement.excluded.deleted_at}))
+    for start in range(0, len(keys), RECORD_CHUNK):
+        statement = insert.values([{"object_key": key, "deleted_at": now} for key in keys[start:start + RECORD_CHUNK]])
+        session.execute(statement.on_conflict_do_update(index_elements=["object_key"],
+                                                        set_={"deleted_at": statement.excluded.deleted_at}))
 
 
-def _delete_jobs(session: Session, job_ids: list[str]) -> None:
-    """Rows of ended jobs: their artifacts' keys recorded, their webhook notices dropped (events
-    and artifact rows go by cascade)."""
-    if not job_ids:
-        return
-    record_deleted(session, session.scalars(select(Artifact.object_key).where(Artifact.job_id.in_(job_ids))))
-    session.execute(delete(WebhookDelivery).where(WebhookDelivery.subject_id.in_(job_ids)))
-    session.execute(delete(Job).where(Job.id.in_(job_ids)))
+def _delete_jobs(session: Session, where) -> None:
+    """The ended jobs ``where`` selects: their artifacts' keys recorded, their webhook notices
+    dropped, the rows deleted (events and artifact rows go by cascade)."""
+    ids = select(Job.id).where(where)
+    record_deleted(session, session.scalars(select(Artifact.object_key).where(Artifact.job_id.in_(ids))))
+    session.execute(delete(WebhookDelivery).where(WebhookDelivery.subject_id.in_(ids)))
+    session.execute(delete(Job).where(where))
 
 
 def delete_job(session: Session, job: Job) -> None:
@@ -101,7 +102,7 @@ def delete_job(session: Session, job: Job) -> None:
     chained = list(session.scalars(select(Job.id).where(Job.base_job_id == job.id).order_by(Job.id)))
     if chained:
         raise InUse(f"job {job.id} is the base of {_ids(chained)}; delete those first")
-    _delete_jobs(session, [job.id])
+    _delete_jobs(session, Job.id == job.id)
 
 
 def delete_batch(session: Session, batch: Batch) -> None:
@@ -117,15 +118,9 @@ def delete_batch(session: Session, batch: Batch) -> None:
     merges = session.execute(select(BatchMerge.delta_object_key, BatchMerge.checkpoint_object_key,
                                     BatchMerge.report_object_key).where(BatchMerge.batch_id == batch.id)).all()
     record_deleted(session, [batch.input_object_key, batch.output_object_key, *(k for row in merges for k in row)])
-    # members chained on members: children first, so that no base_job_id points at a deleted row
-    member_ids = list(session.scalars(members))
-    remaining = set(member_ids)
-    while remaining:
-        bases = set(session.scalars(select(Job.base_job_id).where(Job.id.in_(remaining),
-                                                                  Job.base_job_id.is_not(None))))
-        leaves = sorted(remaining - bases) or sorted(remaining)
-        _delete_jobs(session, leaves)
-        remaining -= set(leaves)
+    # one statement: a member chained on another member goes with it (the foreign key is
+    # checked at the statement's end, on PostgreSQL and SQLite alike)
+    _delete_jobs(session, Job.batch_id == batch.id)
     session.execute(delete(WebhookDelivery).where(WebhookDelivery.subject_id == batch.id))
     session.execute(delete(Batch).where(Batch.id == batch.id))  # merges go by cascade
 
@@ -151,12 +146,14 @@ def _named_keys(session: Session, keys: list[str]) -> set[str]:
 
 def _orphaned_statistics(session: Session, before: datetime) -> list[str]:
     """Ready or failed statistics, unchanged since ``before``, of a hash no row holds any more."""
-    hashes = union_all(select(Model.sha256), select(Artifact.sha256).where(Artifact.name == "checkpoint"),
-                       select(BatchMerge.checkpoint_sha256).where(BatchMerge.checkpoint_sha256.is_not(None)),
-                       select(BatchMerge.model_sha256))
+    # one indexed probe per statistic (models.sha256, artifacts.sha256): the reconciler runs
+    # this every pass, and a NOT IN over every artifact would read the whole table each time
+    sha = Statistic.model_sha256
+    held = or_(exists().where(Model.sha256 == sha),
+               exists().where(Artifact.sha256 == sha, Artifact.name == "checkpoint"),
+               exists().where(or_(BatchMerge.checkpoint_sha256 == sha, BatchMerge.model_sha256 == sha)))
     return list(session.scalars(select(Statistic.id).where(
-        Statistic.status.in_(("ready", "failed")), Statistic.updated_at <= before,
-        Statistic.model_sha256.not_in(hashes)).limit(SWEEP_LIMIT)))
+        Statistic.status.in_(("ready", "failed")), Statistic.updated_at <= before, ~held).limit(SWEEP_LIMIT)))
 
 
 def revive(session: Session, key: str) -> None:

@@ -378,8 +378,9 @@ class Artifact(Base):
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("art"))
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
     name: Mapped[str] = mapped_column(String(20))
-    object_key: Mapped[str] = mapped_column(String(1024))
-    sha256: Mapped[str] = mapped_column(String(64))
+    # indexed for storage.deletion's sweep: is a key still named, is a checkpoint still held
+    object_key: Mapped[str] = mapped_column(String(1024), index=True)
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
     size: Mapped[int] = mapped_column(BigInteger)
     content_type: Mapped[str | None] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -65,6 +65,15 @@ def handback_after(shutdown: "ShutdownNotice | None", grace: float):
     return None if shutdown is None else (lambda: shutdown.past(grace))
 
 
+def send_handed_back(send, what: str) -> None:
+    """``send()`` the task of work handed back. A broker that refuses it is logged, not
+    raised: the row is left without a lease, and the reconciler sends its task again."""
+    try:
+        send()
+    except Exception:
+        log.exception("%s: handed back but not sent again; left to the reconciler", what)
+
+
 class Heartbeat:
     """``with Heartbeat(session_factory, ttl, job_lease) as hb:`` renews until the block ends.
 

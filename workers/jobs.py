@@ -71,7 +71,7 @@ from workers.batches import job_ended
 from workers.artifacts import ChecksumMismatch, cache_dir, fetch, put_bytes, put_file
 from workers.cache import WorkerCache
 from workers.device import resolve_device
-from workers.heartbeat import Heartbeat, handback_after, worker_name
+from workers.heartbeat import Heartbeat, handback_after, send_handed_back, worker_name
 from workers.models import layer_json
 from workers.params import split_params
 from workers.retry import STORE_ERRORS, retry_call, retry_transaction
@@ -243,12 +243,12 @@ def send_again(app, job_id: str) -> None:
     take it, the reconciler re-sends the queued job once its grace period has passed."""
     from workers.celery_app import broker_priority
 
-    try:
+    def send():
         with session_scope(app.session_factory) as session:
             priority = session.scalar(select(Job.priority).where(Job.id == job_id))
         app.send_task(run_job.name, args=[job_id], priority=broker_priority(priority))
-    except Exception:
-        log.exception("job %s: handed back but not sent again; left to the reconciler", job_id)
+
+    send_handed_back(send, f"job {job_id}")
 
 
 def run_claimed(session_factory, store, settings, lease, heartbeat, warm=None, send_shard=None):

@@ -94,10 +94,14 @@ class Report:
         return {kind: n for kind, n in self.batches.items() if n and kind != "refreshed"}
 
     @property
+    def swept(self) -> bool:
+        """Whether the deleted-object sweep removed anything (objects kept are routine)."""
+        return bool(self.deleted.get("objects") or self.deleted.get("statistics"))
+
+    @property
     def acted(self) -> bool:
         return bool(self.resent_jobs or self.failed_jobs or self.cancelled_jobs or self.resent_statistics
-                    or self.resent_models or self.batch_repairs
-                    or self.deleted.get("objects") or self.deleted.get("statistics"))
+                    or self.resent_models or self.batch_repairs or self.swept)
 
     def __str__(self):
         repaired = ", ".join(f"{kind} {n}" for kind, n in self.batch_repairs.items())
@@ -106,7 +110,7 @@ class Report:
                 f"cancelled {len(self.cancelled_jobs)} abandoned jobs"
                 + (f"; batches: {repaired}" if repaired else "")
                 + (f"; deleted {self.deleted['objects']} objects and {self.deleted['statistics']} statistics"
-                   if self.deleted.get("objects") or self.deleted.get("statistics") else "")
+                   if self.swept else "")
                 + ("" if self.broker_listed else " (the broker cannot be listed: queued jobs were not checked)"))
 
 

@@ -523,15 +523,6 @@ def _give_back_delivery(session_factory, statistic_id: str, retry_s: float) -> N
     log.info("%s: handed back (the worker is stopping)", statistic_id)
 
 
-def _send_again(send, row_id: str) -> None:
-    """Send the task of work handed back; if the broker cannot take it, the reconciler sends
-    the statistic's task once its grace period has passed (no lease holds it)."""
-    try:
-        send()
-    except Exception:
-        log.exception("%s: handed back but not sent again; left to the reconciler", row_id)
-
-
 def process_statistic(session_factory, store, settings, statistic_id: str, owner: str | None = None,
                       warm=None, send_shard=None, shutdown=None) -> str | None:
     """The body of ``compute_statistic``: make the statistic ready (or find it ready).
@@ -687,18 +678,22 @@ def compute_statistic(self, statistic_id: str) -> None:
     """Precompute a statistic (``POST /v1/statistics``). Queue ``gpu``. Safe to run twice:
     a ready statistic is left alone, one being computed elsewhere is waited for (and its
     open shards computed)."""
+    from workers.heartbeat import send_handed_back
+
     status = process_statistic(self.app.session_factory, self.app.store, self.app.settings, statistic_id,
                                warm=self.app.cache, send_shard=shard_sender(self.app),
                                shutdown=self.app.shutdown_notice)
     if status == HANDED_BACK:
-        _send_again(lambda: self.app.send_task(self.name, args=[statistic_id]), statistic_id)
+        send_handed_back(lambda: self.app.send_task(self.name, args=[statistic_id]), statistic_id)
 
 
 @shared_task(bind=True, name=COMPUTE_SHARD)
 def compute_shard(self, shard_id: str) -> None:
     """Compute one shard of a statistic (and merge, if it was the last). Queue ``gpu``. Safe
     to run twice: a ready shard, or one held by a live lease, is left alone."""
+    from workers.heartbeat import send_handed_back
+
     did = process_shard(self.app.session_factory, self.app.store, self.app.settings, shard_id, warm=self.app.cache,
                         shutdown=self.app.shutdown_notice)
     if did == HANDED_BACK:
-        _send_again(lambda: shard_sender(self.app)(shard_id), shard_id)
+        send_handed_back(lambda: shard_sender(self.app)(shard_id), shard_id)

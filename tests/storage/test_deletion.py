@@ -104,3 +104,82 @@ def test_a_store_that_fails_keeps_the_records(session_factory, tmp_path):
     assert recorded(session_factory, key) and exists(store, key)
     deletion.sweep(session_factory, store, grace_seconds=60)
     assert not recorded(session_factory, key) and not exists(store, key)
+
+
+def test_a_big_batch_with_chained_members_goes_in_one_delete(session_factory):
+    """10,000 members with 40,000 artifacts (over the databases' bind-parameter limits in one
+    INSERT), one member chained on another: the batch goes whole, every key recorded."""
+    from sqlalchemy import func, insert, select
+
+    from storage.models import Artifact, Batch, Job, Model, Tenant
+
+    members = 10_000
+    with session_scope(session_factory) as session:
+        tenant = Tenant(name=f"big-{secrets.token_hex(6)}")
+        session.add(tenant)
+        session.flush()
+        model = Model(tenant_id=tenant.id, name="m", architecture="a", sha256="0" * 64, size=1, object_key="k",
+                      status="ready")
+        batch = Batch(tenant_id=tenant.id, status="completed", total_count=members)
+        session.add_all([model, batch])
+        session.flush()
+        ids = [f"job_{secrets.token_hex(12)}" for _ in range(members)]
+        session.execute(insert(Job), [dict(id=job_id, tenant_id=tenant.id, model_id=model.id, batch_id=batch.id,
+                                           custom_id=str(n), layer="l", status="succeeded",
+                                           base_job_id=ids[0] if n == 1 else None)
+                                      for n, job_id in enumerate(ids)])
+        keys = [f"tenants/{tenant.id}/{name}/{job_id}/f" for job_id in ids
+                for name in ("delta", "checkpoint", "preview", "metrics")]
+        session.execute(insert(Artifact), [dict(job_id=key.split("/")[3], name=key.split("/")[2], object_key=key,
+                                                sha256="0" * 64, size=1) for key in keys])
+        batch_id = batch.id
+    with session_scope(session_factory) as session:
+        deletion.delete_batch(session, session.get(Batch, batch_id))
+    with session_scope(session_factory) as session:
+        assert session.scalar(select(func.count()).select_from(Job).where(Job.id.in_(ids[:2]))) == 0
+        assert session.get(Batch, batch_id) is None
+        recorded_keys = session.scalar(select(func.count()).select_from(DeletedObject).where(
+            DeletedObject.object_key.like(f"tenants/{tenant.id}/%")))
+        assert recorded_keys == len(keys)
+        session.execute(DeletedObject.__table__.delete().where(DeletedObject.object_key.like(f"tenants/{tenant.id}/%")))
+
+
+def test_only_statistics_of_hashes_no_row_holds_are_swept(session_factory, tmp_path):
+    from sqlalchemy import select
+
+    from storage.models import Artifact, Batch, BatchMerge, Job, Model, Statistic, Tenant
+
+    store = open_store(f"file://{tmp_path}/objects")
+    day_ago = utcnow() - timedelta(days=1)
+    with session_scope(session_factory) as session:
+        tenant = Tenant(name=f"stats-{secrets.token_hex(6)}")
+        session.add(tenant)
+        session.flush()
+        by_model, by_checkpoint, by_preview, by_merge, orphan = (secrets.token_hex(32) for _ in range(5))
+        model = Model(tenant_id=tenant.id, name="m", architecture="a", sha256=by_model, size=1, object_key="k",
+                      status="ready")
+        session.add(model)
+        session.flush()
+        job = Job(tenant_id=tenant.id, model_id=model.id, layer="l", status="succeeded")
+        session.add(job)
+        session.flush()
+        session.add_all([Artifact(job_id=job.id, name="checkpoint", object_key="c", sha256=by_checkpoint, size=1),
+                         Artifact(job_id=job.id, name="preview", object_key="p", sha256=by_preview, size=1)])
+        batch = Batch(tenant_id=tenant.id, status="completed")
+        session.add(batch)
+        session.flush()
+        session.add(BatchMerge(batch_id=batch.id, model_sha256="0" * 64, checkpoint_sha256=by_merge, layer="l",
+                               status="succeeded", rules=1))
+        stats = {sha: Statistic(model_sha256=sha, layer="l", sample_spec="s", status="ready", updated_at=day_ago,
+                                object_key=f"shared/statistics/{sha}/m")
+                 for sha in (by_model, by_checkpoint, by_preview, by_merge, orphan)}
+        session.add_all(stats.values())
+        session.flush()
+        ids = {sha: stat.id for sha, stat in stats.items()}
+    deletion.sweep(session_factory, store, grace_seconds=60)
+    with session_scope(session_factory) as session:
+        left = set(session.scalars(select(Statistic.model_sha256).where(Statistic.id.in_(ids.values()))))
+    # a preview's hash holds nothing: only checkpoints, models and merges hold a statistic
+    assert left == {by_model, by_checkpoint, by_merge}
+    assert recorded(session_factory, f"shared/statistics/{orphan}/m")
+    assert recorded(session_factory, f"shared/statistics/{by_preview}/m")

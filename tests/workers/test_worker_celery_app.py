@@ -118,13 +118,11 @@ def test_a_download_left_by_a_killed_process_is_pruned(tmp_path):
 
 
 def test_a_cache_hit_counts_as_a_use_and_every_task_prunes(tmp_path):
-    import os
-
-    from storage.objects import open_store
     import hashlib
     import io
+    import os
 
-    from storage.objects import content_key
+    from storage.objects import content_key, open_store
     from workers.artifacts import cache_dir, fetch
     from workers.celery_app import make_celery
 
