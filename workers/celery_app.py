@@ -23,13 +23,16 @@ Queues: ``gpu`` (rewriting jobs; one worker process per GPU) and ``cpu``
   none are set for the embedded broker.
 - Shutdown: SIGTERM gives a warm shutdown, which waits for the running task. A job (or a
   statistic, or a shard) hands itself back after ``PALIMPSEST_WORKER_SHUTDOWN_GRACE_SECONDS`` instead
-  (``PalimpsestCelery.shutdown_notice``, ``announce_shutdown``; docs/workers.md, Shutdown).
+  (``PalimpsestCelery.shutdown_notice``, ``announce_shutdown``; docs/workers.md, Shutdown), also
+  when the SIGTERM reaches the pool processes too (``hand_back_on_group_sigterm``).
 """
 import logging
+import signal
 from dataclasses import fields
 from functools import cached_property
 from pathlib import Path
 
+from billiard.process import current_process
 from celery import Celery, Task, current_app, signals
 from kombu import Exchange, Queue
 
@@ -111,12 +114,30 @@ class PalimpsestCelery(Celery):
 
 @signals.worker_shutting_down.connect
 def announce_shutdown(sender=None, sig=None, how=None, **kwargs):
-    """In the worker's main process, from its signal handler (SIGTERM, SIGINT, SIGQUIT): tell
-    the pool processes, whose jobs hand themselves back after the grace period. The signal
-    names the worker's host name only; the app is the process's current one (the worker's)."""
+    """In the worker's main process, from its signal handler (SIGTERM, SIGINT): tell the pool
+    processes, whose jobs hand themselves back after the grace period. Only a warm shutdown:
+    a cold one (SIGQUIT) kills the running tasks at once, with a SIGTERM that a pool process
+    must not take for its process group's (``hand_back_on_group_sigterm``). The signal names
+    the worker's host name only; the app is the process's current one (the worker's)."""
     notice = getattr(current_app._get_current_object(), "shutdown_notice", None)
-    if notice is not None:
+    if notice is not None and how == "Warm":
         notice.announce()
+
+
+@signals.task_prerun.connect
+def hand_back_on_group_sigterm(sender=None, **kwargs):
+    """In a pool process, before its first task: a SIGTERM that the main process got too
+    starts the same hand-back as one sent to the main process alone, instead of killing this
+    process and the job it runs (``workers.heartbeat.sigterm_handler``). Installed here, not at
+    ``worker_process_init``, because billiard sets its own handler after that signal."""
+    from workers.heartbeat import sigterm_handler
+
+    notice = getattr(sender.app, "shutdown_notice", None)
+    if notice is None or current_process().name == "MainProcess":  # the solo pool: Celery's handler stays
+        return
+    current = signal.getsignal(signal.SIGTERM)
+    if not hasattr(current, "defers_to"):
+        signal.signal(signal.SIGTERM, sigterm_handler(notice, current))
 
 
 MAX_PRIORITY = 9

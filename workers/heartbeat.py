@@ -18,6 +18,7 @@ import ctypes
 import logging
 import multiprocessing
 import os
+import signal
 import socket
 import threading
 import time
@@ -57,6 +58,46 @@ class ShutdownNotice:
         """Whether the worker has been stopping for at least ``grace`` seconds."""
         since = self._since.value
         return bool(since) and time.monotonic() - since >= grace
+
+    def wait(self, timeout: float) -> bool:
+        """Whether the worker is stopping, or begins to within ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while not self._since.value:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)
+        return True
+
+
+# How long a pool process that got SIGTERM waits for its main process to say it is stopping.
+# Both get a group's signal at once; the main process's handler runs within milliseconds.
+GROUP_SIGTERM_WAIT_S = 1.0
+
+
+def sigterm_handler(notice: ShutdownNotice, previous, wait_s: float = GROUP_SIGTERM_WAIT_S):
+    """A pool process's SIGTERM handler that tells a SIGTERM to the worker's whole process
+    group (systemd's default KillMode, a supervisor's stopasgroup) from one aimed at this
+    process alone.
+
+    Billiard's own handler (``previous``) exits at once: the running job was lost with the
+    process and waited for its lease to expire and for the reconciler. When the main process
+    got the signal too, it begins a warm shutdown, and the job is handed back after the
+    grace like any other. A SIGTERM from the main process itself (a cold shutdown cancelling
+    tasks, a revoke with terminate, billiard's hard time limit) comes with no warm shutdown:
+    ``previous`` handles it, after at most ``wait_s``. A second SIGTERM goes to ``previous``.
+    """
+
+    def handle(signum, frame):
+        signal.signal(signum, previous)
+        if notice.wait(wait_s):
+            return
+        if callable(previous):
+            previous(signum, frame)
+        else:  # SIG_DFL or SIG_IGN, restored above
+            os.kill(os.getpid(), signum)
+
+    handle.defers_to = previous
+    return handle
 
 
 def handback_after(shutdown: "ShutdownNotice | None", grace: float):

@@ -15,6 +15,7 @@ processes; no beat, so nothing here can come from the reconciler.
 """
 import signal
 import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -39,23 +40,29 @@ def service(tmp_path_factory):
         yield service
 
 
-def submit_and_stop_its_worker(service, steps):
-    """Submit a job and SIGTERM the main process (only) of the worker running it, once it
-    optimizes: (job as it was then, the worker, when, seconds until the worker exited)."""
+def submit_and_stop_its_worker(service, steps, group=False):
+    """Submit a job and SIGTERM the main process (only; ``group``: every process of the
+    worker's process group) of the worker running it, once it optimizes: (job as it was
+    then, the worker, when, seconds until the worker exited)."""
     while len(service.workers) < 2:  # replace the worker the previous case stopped
         service.start_workers(1)
     job = service.wait_phase(service.submit(steps=steps), "optimizing")
     victim = service.worker_of(job)
     sent_at, start = now(), time.monotonic()
-    victim.signal(signal.SIGTERM)
+    if group:
+        victim.terminate()
+    else:
+        victim.signal(signal.SIGTERM)
     victim.popen.wait(timeout=300)
     service.workers.remove(victim)
     return job, victim, sent_at, time.monotonic() - start
 
 
-def test_a_stopping_worker_hands_its_job_to_the_other_worker(service, figures):
-    # about 20 s of optimizing here: far past the grace
-    job, victim, sent_at, exit_s = submit_and_stop_its_worker(service, steps=4000)
+@pytest.mark.parametrize("group", [False, True], ids=["main process", "process group"])
+def test_a_stopping_worker_hands_its_job_to_the_other_worker(service, figures, group):
+    # about 20 s of optimizing here: far past the grace. A SIGTERM to the whole group (systemd's
+    # default KillMode, a supervisor's stopasgroup) also reaches the pool process running the job.
+    job, victim, sent_at, exit_s = submit_and_stop_its_worker(service, steps=4000, group=group)
     job_id = job.id
     assert victim.popen.returncode == 0
     assert exit_s < GRACE_S + EXIT_SLACK_S, victim.log()[-3000:]
@@ -152,3 +159,38 @@ def test_a_stopping_worker_hands_its_statistic_shard_to_the_other_worker(service
     assert all(s.status == "ready" for s in shards.values())
     figures.update(grace_s=GRACE_S, sigterm_to_exit_s=round(exit_s, 2),
                    sigterm_to_ready_s=seconds(sent_at, stat.updated_at))
+
+
+def test_an_idle_worker_stops_at_once_on_a_group_sigterm(service, figures):
+    # its pool process ran a job, so it holds the handler that waits for the main process
+    while len(service.workers) < 2:
+        service.start_workers(1)
+    job_id = service.submit(steps=50)
+    assert service.wait_ended([job_id], timeout=120)[job_id].status == "succeeded"
+    owner = service.transitions(job_id)[1].message.removeprefix("claimed by ")  # its lease is gone
+    victim = service.worker_of(SimpleNamespace(lease_owner=owner))
+    start = time.monotonic()
+    victim.terminate()
+    victim.popen.wait(timeout=60)
+    exit_s = time.monotonic() - start
+    service.workers.remove(victim)
+    assert victim.popen.returncode == 0
+    assert exit_s < GRACE_S, victim.log()[-3000:]  # nothing to hand back: no grace to wait for
+    figures.update(sigterm_to_exit_s=round(exit_s, 2))
+
+
+def test_a_cold_shutdown_still_stops_the_running_job_at_once(service, figures):
+    # SIGQUIT: Celery cancels the running task with a SIGTERM to its pool process, which must
+    # not take it for a group's SIGTERM and wait out the grace
+    while len(service.workers) < 2:
+        service.start_workers(1)
+    job = service.wait_phase(service.submit(steps=4000), "optimizing")
+    victim = service.worker_of(job)
+    start = time.monotonic()
+    victim.signal(signal.SIGQUIT)
+    victim.popen.wait(timeout=60)
+    exit_s = time.monotonic() - start
+    service.workers.remove(victim)
+    assert exit_s < GRACE_S, victim.log()[-3000:]
+    assert "released by" not in " ".join(e.message or "" for e in service.transitions(job.id))
+    figures.update(sigquit_to_exit_s=round(exit_s, 2))
