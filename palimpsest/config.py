@@ -62,6 +62,9 @@ class Settings:
     # the reconciler deletes them (storage.deletion). Keep it well above a worker's longest wait between
     # an upload and its commit (storage_retry_seconds and db_retry_seconds).
     deletion_grace_seconds: int = 3600
+    # Jobs and batches that ended this long ago are deleted by the reconciler, as DELETE would
+    # (storage.deletion.expire); 0 keeps them until deleted.
+    retention_seconds: int = 0
     # A job whose lease expired this many times (its worker died each time) is failed (worker_lost).
     job_max_attempts: int = 3
     # Workers retry a database write (and an object store upload) with backoff for this long.
@@ -135,6 +138,7 @@ def load_settings(environ=None, **overrides) -> Settings:
         reconcile_interval_seconds=_positive_int(env, "PALIMPSEST_RECONCILE_INTERVAL_SECONDS", 60),
         reconcile_grace_seconds=_positive_int(env, "PALIMPSEST_RECONCILE_GRACE_SECONDS", 30),
         deletion_grace_seconds=_count(env, "PALIMPSEST_DELETION_GRACE_SECONDS", 3600),
+        retention_seconds=_count(env, "PALIMPSEST_RETENTION_SECONDS", 0),
         job_max_attempts=_positive_int(env, "PALIMPSEST_JOB_MAX_ATTEMPTS", 3),
         db_retry_seconds=_count(env, "PALIMPSEST_DB_RETRY_SECONDS", 60),
         storage_retry_seconds=_count(env, "PALIMPSEST_STORAGE_RETRY_SECONDS", 120),

@@ -24,10 +24,15 @@ What may be deleted (the API turns the exceptions into 409s):
 - a model no job or merge names, with its checkpoint and segmenter objects (whether the API
   wrote them or the tenant registered a key of its own: deleting a model deletes its weights).
 
+With ``PALIMPSEST_RETENTION_SECONDS`` set, ``expire`` deletes the jobs and batches that ended
+longer ago than that, as the API's DELETE would: a job goes after the jobs chained on it, and
+one that a live job or a younger batch still starts from waits for them.
+
 Statistics are shared by checkpoint hash, not owned; ``sweep`` also removes a ready or failed
 statistic, with its shards, once no model, checkpoint artifact or merge has that hash (they
 are derived from the weights, so they go with the last copy of them).
 """
+import logging
 from datetime import datetime, timedelta
 
 from sqlalchemy import delete, exists, or_, select, union_all
@@ -49,10 +54,14 @@ from storage.models import (
     utcnow,
 )
 
+log = logging.getLogger(__name__)
+
 SWEEP_LIMIT = 1000  # statistics a sweep looks at; the next sweep takes the rest
 SWEEP_CHUNK = 100  # records locked at a time while their objects are deleted
 RECORD_CHUNK = 1000  # keys an INSERT records: a batch's 40,000 would pass the databases' bind limits
 SAMPLE_IDS = 5  # dependents named in a refusal
+EXPIRE_LIMIT = 1000  # jobs (and batches) one expiry pass deletes; the next pass takes the rest
+EXPIRE_CHUNK = 100  # deleted per transaction: row locks held briefly, a lost race costs little
 
 
 class NotFinished(Exception):
@@ -134,6 +143,53 @@ def delete_model(session: Session, model: Model) -> None:
                     "delete them (or their batches) first")
     record_deleted(session, [model.object_key, model.segmenter_object_key])
     session.execute(delete(Model).where(Model.id == model.id))
+
+
+def expire(session_factory, retention_seconds: float, now: datetime | None = None) -> dict:
+    """Delete standalone jobs, then batches, that ended more than ``retention_seconds`` before
+    ``now``, at most ``EXPIRE_LIMIT`` of each. Returns the counts.
+
+    Jobs go leaves first: a job that another job starts from (``base_job_id``) waits until that
+    one has gone, in a later round of the same pass if it has expired too. A batch whose member
+    a job outside it starts from waits likewise. A submission naming a job as its base just as
+    it is deleted makes the chunk's commit fail on the foreign key: it is logged and retried
+    next pass (the API answers the submission 422 when the delete wins)."""
+    from sqlalchemy.exc import IntegrityError
+
+    from storage.db import session_scope  # storage.db imports the models, not this module
+
+    now = now or utcnow()
+    cutoff = now - timedelta(seconds=retention_seconds)
+    counts = {"jobs": 0, "batches": 0}
+    child = Job.__table__.alias("child")
+    expired = select(Job.id).where(Job.status.in_(JOB_TERMINAL_STATUSES), Job.batch_id.is_(None),
+                                   Job.finished_at <= cutoff, ~exists().where(child.c.base_job_id == Job.id))
+    while counts["jobs"] < EXPIRE_LIMIT:
+        try:
+            with session_scope(session_factory) as session:
+                leaves = list(session.scalars(expired.limit(EXPIRE_CHUNK)))
+                if leaves:
+                    _delete_jobs(session, Job.id.in_(leaves))
+        except IntegrityError:
+            log.warning("expire: a job was submitted on an expired job; the next pass tries again")
+            break
+        if not leaves:
+            break
+        counts["jobs"] += len(leaves)
+    with session_scope(session_factory) as session:
+        batch_ids = list(session.scalars(select(Batch.id).where(
+            Batch.status.in_(BATCH_TERMINAL_STATUSES), Batch.finished_at <= cutoff)
+            .order_by(Batch.finished_at).limit(EXPIRE_LIMIT)))
+    for batch_id in batch_ids:
+        try:
+            with session_scope(session_factory) as session:
+                batch = session.get(Batch, batch_id)
+                if batch is not None:
+                    delete_batch(session, batch)
+                    counts["batches"] += 1
+        except (InUse, IntegrityError):
+            continue  # a job outside it starts from a member: it waits for that job
+    return counts
 
 
 def _named_keys(session: Session, keys: list[str]) -> set[str]:

@@ -233,6 +233,7 @@ class Batch(Base):
     __tablename__ = "batches"
     __table_args__ = (
         Index("ix_batches_tenant_id_status_created_at", "tenant_id", "status", "created_at"),
+        Index("ix_batches_finished_at", "finished_at"),  # retention (storage.deletion.expire)
         CheckConstraint(_in("status", BATCH_STATUSES), name="status"),
     )
 
@@ -300,6 +301,7 @@ class Job(Base):
         Index("ix_jobs_batch_id_status", "batch_id", "status"),
         # the reaper's query: running jobs whose lease has expired
         Index("ix_jobs_status_lease_expires_at", "status", "lease_expires_at"),
+        Index("ix_jobs_finished_at", "finished_at"),  # retention (storage.deletion.expire)
         CheckConstraint(_in("status", JOB_STATUSES), name="status"),
         CheckConstraint(f"phase IS NULL OR {_in('phase', JOB_PHASES)}", name="phase"),
     )

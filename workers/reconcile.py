@@ -26,7 +26,9 @@ database and the broker and re-sends what is missing:
 5. **Batches** are swept (``workers.batches.sweep``): open batches are recounted (and
    moved on when their last member ended but its notice was lost), a merge or webhook
    delivery whose task was lost is sent again.
-6. **Deleted objects** are swept (``storage.deletion.sweep``): what deleted jobs, batches and
+6. **Expired jobs and batches** (``PALIMPSEST_RETENTION_SECONDS``, off by default) are deleted
+   (``storage.deletion.expire``), as ``DELETE /v1/jobs/{id}`` and ``/v1/batches/{id}`` would.
+7. **Deleted objects** are swept (``storage.deletion.sweep``): what deleted jobs, batches and
    models left in the store goes once ``PALIMPSEST_DELETION_GRACE_SECONDS`` have passed, and
    statistics of checkpoints that no row holds any more go with it.
 
@@ -85,6 +87,7 @@ class Report:
     resent_statistics: list = field(default_factory=list)
     resent_models: list = field(default_factory=list)
     batches: dict = field(default_factory=dict)  # what workers.batches.sweep did, by kind
+    expired: dict = field(default_factory=dict)  # what storage.deletion.expire deleted
     deleted: dict = field(default_factory=dict)  # what storage.deletion.sweep did
     broker_listed: bool = True  # False: the broker cannot be listed (queued jobs left alone)
 
@@ -101,7 +104,7 @@ class Report:
     @property
     def acted(self) -> bool:
         return bool(self.resent_jobs or self.failed_jobs or self.cancelled_jobs or self.resent_statistics
-                    or self.resent_models or self.batch_repairs or self.swept)
+                    or self.resent_models or self.batch_repairs or any(self.expired.values()) or self.swept)
 
     def __str__(self):
         repaired = ", ".join(f"{kind} {n}" for kind, n in self.batch_repairs.items())
@@ -109,6 +112,8 @@ class Report:
                 f"{len(self.resent_models)} models; failed {len(self.failed_jobs)} jobs after too many attempts; "
                 f"cancelled {len(self.cancelled_jobs)} abandoned jobs"
                 + (f"; batches: {repaired}" if repaired else "")
+                + (f"; expired {self.expired['jobs']} jobs and {self.expired['batches']} batches"
+                   if any(self.expired.values()) else "")
                 + (f"; deleted {self.deleted['objects']} objects and {self.deleted['statistics']} statistics"
                    if self.swept else "")
                 + ("" if self.broker_listed else " (the broker cannot be listed: queued jobs were not checked)"))
@@ -265,6 +270,8 @@ def reconcile_once(session_factory, celery, settings, *, all_queued: bool = Fals
             celery.send_task(INSPECT_MODEL, args=[model_id])
             report.resent_models.append(model_id)
     report.batches = sweep(session_factory, celery, in_flight_seconds=settings.task_time_limit)
+    if settings.retention_seconds:  # before the sweep: what expires now is recorded for a later one
+        report.expired = deletion.expire(session_factory, settings.retention_seconds, now)
     try:
         report.deleted = deletion.sweep(session_factory, celery.store, settings.deletion_grace_seconds, now)
     except StorageError:

@@ -272,3 +272,20 @@ def test_the_pass_sweeps_deleted_objects_past_their_grace(world):
     assert report.deleted["objects"] == 1
     assert "deleted 1 objects" in str(report)
     assert not celery.store.exists(key)
+
+
+def test_the_pass_expires_jobs_that_ended_before_the_retention(world):
+    from dataclasses import replace
+
+    celery, settings, session_factory, ids = world
+    old, young = new_job(session_factory, ids), new_job(session_factory, ids)
+    with session_scope(session_factory) as s:
+        for job_id, ended_s in ((old, 7200), (young, 60)):
+            s.execute(update(Job).where(Job.id == job_id).values(status="succeeded",
+                                                                 finished_at=utcnow() - timedelta(seconds=ended_s)))
+    assert reconcile_once(session_factory, celery, settings).expired == {}  # off by default
+    report = reconcile_once(session_factory, celery, replace(settings, retention_seconds=3600))
+    assert report.expired == {"jobs": 1, "batches": 0} and report.acted
+    assert "expired 1 jobs and 0 batches" in str(report)
+    with session_scope(session_factory) as s:
+        assert set(s.scalars(select(Job.id).where(Job.id.in_([old, young])))) == {young}

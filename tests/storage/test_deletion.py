@@ -183,3 +183,58 @@ def test_only_statistics_of_hashes_no_row_holds_are_swept(session_factory, tmp_p
     assert left == {by_model, by_checkpoint, by_merge}
     assert recorded(session_factory, f"shared/statistics/{orphan}/m")
     assert recorded(session_factory, f"shared/statistics/{by_preview}/m")
+
+
+def test_jobs_and_batches_expire_leaves_first_and_wait_for_younger_dependents(session_factory):
+    from datetime import datetime, timezone
+
+    from sqlalchemy import select
+
+    from storage.models import Artifact, Batch, Job, Model, Tenant
+
+    old = datetime(2000, 1, 1, tzinfo=timezone.utc)  # no other test's rows ended this long ago
+    with session_scope(session_factory) as session:
+        tenant = Tenant(name=f"expire-{secrets.token_hex(6)}")
+        session.add(tenant)
+        session.flush()
+        model = Model(tenant_id=tenant.id, name="m", architecture="a", sha256="0" * 64, size=1, object_key="k",
+                      status="ready")
+        old_batch = Batch(tenant_id=tenant.id, status="completed", finished_at=old, input_object_key=f"in-{tenant.id}")
+        held_batch = Batch(tenant_id=tenant.id, status="completed", finished_at=old)
+        young_batch = Batch(tenant_id=tenant.id, status="completed", finished_at=utcnow())
+        session.add_all([model, old_batch, held_batch, young_batch])
+        session.flush()
+
+        def job(name, status="succeeded", finished_at=old, **columns):
+            made = Job(id=f"job_{name}_{secrets.token_hex(6)}", tenant_id=tenant.id, model_id=model.id, layer="l",
+                       status=status, finished_at=finished_at, **columns)
+            session.add(made)
+            session.flush()
+            return made
+
+        alone = job("alone", status="failed")
+        session.add(Artifact(job_id=alone.id, name="delta", object_key=f"key-{alone.id}", sha256="0" * 64, size=1))
+        chain_base = job("chain_base")
+        chain_top = job("chain_top", status="cancelled", base_job_id=chain_base.id)
+        held = job("held")
+        young = job("young", finished_at=utcnow(), base_job_id=held.id)
+        running = job("running", status="running", finished_at=None)
+        old_member = job("old_member", batch_id=old_batch.id)
+        young_member = job("young_member", batch_id=young_batch.id)
+        held_member = job("held_member", batch_id=held_batch.id)
+        outside = job("outside", finished_at=utcnow(), base_job_id=held_member.id)
+        expected_gone = {alone.id, chain_base.id, chain_top.id, old_member.id}
+        kept = {held.id, young.id, running.id, young_member.id, held_member.id, outside.id}
+        batches = {"gone": old_batch.id, "held": held_batch.id, "young": young_batch.id}
+
+    now = datetime(2001, 1, 1, tzinfo=timezone.utc)
+    counts = deletion.expire(session_factory, retention_seconds=86400, now=now)
+    assert counts == {"jobs": 3, "batches": 1}  # the chain's base in a second round of the same pass
+    with session_scope(session_factory) as session:
+        left = set(session.scalars(select(Job.id).where(Job.id.in_(expected_gone | kept))))
+        left_batches = set(session.scalars(select(Batch.id).where(Batch.id.in_(batches.values()))))
+    assert left == kept
+    assert left_batches == {batches["held"], batches["young"]}
+    assert recorded(session_factory, f"key-{alone.id}") and recorded(session_factory, f"in-{tenant.id}")
+    # nothing more is due: a second pass deletes nothing
+    assert deletion.expire(session_factory, retention_seconds=86400, now=now) == {"jobs": 0, "batches": 0}
