@@ -32,6 +32,20 @@ def exists(store, key: str) -> bool:
         return False
 
 
+def tenant_and_model(session, name: str, sha256: str = "0" * 64):
+    """A fresh tenant (``name`` and a random suffix) with one ready model, flushed."""
+    from storage.models import Model, Tenant
+
+    tenant = Tenant(name=f"{name}-{secrets.token_hex(6)}")
+    session.add(tenant)
+    session.flush()
+    model = Model(tenant_id=tenant.id, name="m", architecture="a", sha256=sha256, size=1, object_key="k",
+                  status="ready")
+    session.add(model)
+    session.flush()
+    return tenant, model
+
+
 @pytest.fixture(params=["file", "s3"])
 def store(request, tmp_path):
     if request.param == "file":
@@ -111,17 +125,13 @@ def test_a_big_batch_with_chained_members_goes_in_one_delete(session_factory):
     INSERT), one member chained on another: the batch goes whole, every key recorded."""
     from sqlalchemy import func, insert, select
 
-    from storage.models import Artifact, Batch, Job, Model, Tenant
+    from storage.models import Artifact, Batch, Job
 
     members = 10_000
     with session_scope(session_factory) as session:
-        tenant = Tenant(name=f"big-{secrets.token_hex(6)}")
-        session.add(tenant)
-        session.flush()
-        model = Model(tenant_id=tenant.id, name="m", architecture="a", sha256="0" * 64, size=1, object_key="k",
-                      status="ready")
+        tenant, model = tenant_and_model(session, "big")
         batch = Batch(tenant_id=tenant.id, status="completed", total_count=members)
-        session.add_all([model, batch])
+        session.add(batch)
         session.flush()
         ids = [f"job_{secrets.token_hex(12)}" for _ in range(members)]
         session.execute(insert(Job), [dict(id=job_id, tenant_id=tenant.id, model_id=model.id, batch_id=batch.id,
@@ -147,19 +157,13 @@ def test_a_big_batch_with_chained_members_goes_in_one_delete(session_factory):
 def test_only_statistics_of_hashes_no_row_holds_are_swept(session_factory, tmp_path):
     from sqlalchemy import select
 
-    from storage.models import Artifact, Batch, BatchMerge, Job, Model, Statistic, Tenant
+    from storage.models import Artifact, Batch, BatchMerge, Job, Statistic
 
     store = open_store(f"file://{tmp_path}/objects")
     day_ago = utcnow() - timedelta(days=1)
     with session_scope(session_factory) as session:
-        tenant = Tenant(name=f"stats-{secrets.token_hex(6)}")
-        session.add(tenant)
-        session.flush()
         by_model, by_checkpoint, by_preview, by_merge, orphan = (secrets.token_hex(32) for _ in range(5))
-        model = Model(tenant_id=tenant.id, name="m", architecture="a", sha256=by_model, size=1, object_key="k",
-                      status="ready")
-        session.add(model)
-        session.flush()
+        tenant, model = tenant_and_model(session, "stats", sha256=by_model)
         job = Job(tenant_id=tenant.id, model_id=model.id, layer="l", status="succeeded")
         session.add(job)
         session.flush()
@@ -190,19 +194,15 @@ def test_jobs_and_batches_expire_leaves_first_and_wait_for_younger_dependents(se
 
     from sqlalchemy import select
 
-    from storage.models import Artifact, Batch, Job, Model, Tenant
+    from storage.models import Artifact, Batch, Job
 
     old = datetime(2000, 1, 1, tzinfo=timezone.utc)  # no other test's rows ended this long ago
     with session_scope(session_factory) as session:
-        tenant = Tenant(name=f"expire-{secrets.token_hex(6)}")
-        session.add(tenant)
-        session.flush()
-        model = Model(tenant_id=tenant.id, name="m", architecture="a", sha256="0" * 64, size=1, object_key="k",
-                      status="ready")
+        tenant, model = tenant_and_model(session, "expire")
         old_batch = Batch(tenant_id=tenant.id, status="completed", finished_at=old, input_object_key=f"in-{tenant.id}")
         held_batch = Batch(tenant_id=tenant.id, status="completed", finished_at=old)
         young_batch = Batch(tenant_id=tenant.id, status="completed", finished_at=utcnow())
-        session.add_all([model, old_batch, held_batch, young_batch])
+        session.add_all([old_batch, held_batch, young_batch])
         session.flush()
 
         def job(name, status="succeeded", finished_at=old, **columns):
