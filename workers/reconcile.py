@@ -102,9 +102,14 @@ class Report:
         return bool(self.deleted.get("objects") or self.deleted.get("statistics"))
 
     @property
+    def aged_out(self) -> bool:
+        """Whether retention deleted any job or batch."""
+        return any(self.expired.values())
+
+    @property
     def acted(self) -> bool:
         return bool(self.resent_jobs or self.failed_jobs or self.cancelled_jobs or self.resent_statistics
-                    or self.resent_models or self.batch_repairs or any(self.expired.values()) or self.swept)
+                    or self.resent_models or self.batch_repairs or self.aged_out or self.swept)
 
     def __str__(self):
         repaired = ", ".join(f"{kind} {n}" for kind, n in self.batch_repairs.items())
@@ -113,7 +118,7 @@ class Report:
                 f"cancelled {len(self.cancelled_jobs)} abandoned jobs"
                 + (f"; batches: {repaired}" if repaired else "")
                 + (f"; expired {self.expired['jobs']} jobs and {self.expired['batches']} batches"
-                   if any(self.expired.values()) else "")
+                   if self.aged_out else "")
                 + (f"; deleted {self.deleted['objects']} objects and {self.deleted['statistics']} statistics"
                    if self.swept else "")
                 + ("" if self.broker_listed else " (the broker cannot be listed: queued jobs were not checked)"))
