@@ -171,16 +171,17 @@ def insert_config(params):
                         plateau_tolerance=params.plateau_tolerance)
 
 
-def fit_targets(model, targets, directions, config, moment, progress=None, should_stop=None):
+def fit_targets(model, targets, directions, config, moment, progress=None, should_stop=None, resume=None):
     """The insert step of an edit: the rule mapping ``targets`` (an ``EditTargets``) along
     ``directions``, compared over its output crop, with ``moment`` as closed_form's metric.
     ``run_edit`` uses it; so do the benchmarks' controls, which must fit as the edit does."""
     return insert(model, targets.layer, targets.inputs, targets.values, directions, config,
                   kwargs=targets.kwargs, progress=progress, should_stop=should_stop, moment=moment,
-                  output_crop=targets.output_crop)
+                  output_crop=targets.output_crop, resume=resume)
 
 
-def run_edit(model, layer, request, moment, params=None, progress=None, should_stop=None, base_sha256=""):
+def run_edit(model, layer, request, moment, params=None, progress=None, should_stop=None, base_sha256="",
+             resume=None):
     """Make one edit of ``model`` at ``layer`` and return it as an ``EditResult``.
 
     ``request``: an EditRequest or a JSON dict in either request format.
@@ -189,7 +190,10 @@ def run_edit(model, layer, request, moment, params=None, progress=None, should_s
     ``params``: EditParams overriding the request's own.
     ``progress(phase, step, loss)``: phases "values", "directions", "insert" (step and
     loss of each optimization step) and "done"; loss is None outside "insert".
-    ``should_stop()``: polled between phases and insert steps; raises ``Cancelled``.
+    ``should_stop()``: polled between phases and insert steps; raises ``Cancelled``, which
+    carries the insert's ``InsertState`` once it has begun.
+    ``resume``: an ``InsertState`` of the same edit to go on from (``rewriting.insert``);
+    ``IncompatibleError`` if it does not fit.
     ``base_sha256``: the sha256 of the base checkpoint file, recorded in the delta.
     """
     start = time.perf_counter()
@@ -235,7 +239,8 @@ def run_edit(model, layer, request, moment, params=None, progress=None, should_s
         phase("insert")
         config = insert_config(params)
         report = None if progress is None else (lambda step, loss: progress("insert", step, loss))
-        result = fit_targets(model, targets, directions, config, moment, progress=report, should_stop=should_stop)
+        result = fit_targets(model, targets, directions, config, moment, progress=report, should_stop=should_stop,
+                             resume=resume)
     except EditRequestError as e:
         raise _params_field(e) from e
     delta = result.delta(base_sha256, config={

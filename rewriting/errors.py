@@ -48,6 +48,11 @@ class CheckpointError(EngineError):
 
 
 class Cancelled(EngineError):
-    """The caller's ``should_stop()`` asked to stop; raised between steps."""
+    """The caller's ``should_stop()`` asked to stop; raised between steps. ``state``: where
+    the work stood, to go on from later (``rewriting.insert.InsertState``), or None."""
 
     code = "cancelled"
+
+    def __init__(self, message="cancelled", state=None):
+        super().__init__(message)
+        self.state = state

@@ -31,6 +31,12 @@ Early stop: the best loss must improve by ``plateau_tolerance`` (relative) withi
 lies on ``W0 + span(D)`` (the step after each projection) count, since in between
 the weight drifts off the subspace and its loss says little about the result.
 
+Resuming. A stopped optimisation (``should_stop()``) raises ``Cancelled`` carrying an
+``InsertState``: the step it stopped before, the directions, the parameter, Adam's
+moments and the early-stop bookkeeping. ``insert(..., resume=state)`` goes on from that
+step; on the same device the remaining steps are the ones an uninterrupted run takes, bit
+for bit. The workers keep it when a stopping worker hands its job back.
+
 Both optimisers return the lowest-loss weight on ``W0 + span(D)`` they met (the
 last one, or an earlier one if the loss rose), so the result is never worse than
 the unedited weight. The default is ``lambda``: on the demo generator it reaches
@@ -40,17 +46,20 @@ lower (docs/benchmarks.md).
 The model is never modified: the optimisation runs on a copy of the weight through
 a functional call; apply the result with ``rewriting.delta``.
 """
+import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load as load_bytes
 from torch.func import functional_call
 
+from rewriting.checkpoint import safetensors_bytes
 from rewriting.delta import EditDelta, coefficients, expand
 from rewriting.directions import regularized
-from rewriting.errors import Cancelled, EditRequestError, IncompatibleError
+from rewriting.errors import Cancelled, CheckpointError, EditRequestError, IncompatibleError
 from rewriting.layers import layer_forward, target_weight
 from rewriting.values import crop
 
@@ -129,6 +138,67 @@ class InsertResult:
                          config=dict(config or {}), in_dim=self.in_dim)
 
 
+STATE_FORMAT = "palimpsest-insert-state/1"
+
+
+@dataclass
+class InsertState:
+    """Where an optimising insert stood before step ``step``: enough to go on as if it had
+    never stopped. Tensors are on the CPU once saved (``to_bytes``)."""
+
+    method: str
+    step: int  # the next step to run; steps 0..step-1 are done
+    directions: torch.Tensor  # [r, C_in], the orthonormal basis optimised along
+    param: torch.Tensor  # lam (lambda) or the whole stored weight (projected)
+    adam: dict  # Adam's state of ``param`` (step, exp_avg, exp_avg_sq); {} before the first step
+    kept: float  # lowest loss on W0 + span(D) so far (inf: none yet)
+    kept_lam: torch.Tensor | None
+    best: float  # plateau bookkeeping
+    best_step: int
+    losses: list
+
+    def to_bytes(self):
+        tensors = {"directions": self.directions, "param": self.param,
+                   "losses": torch.tensor(self.losses, dtype=torch.float64)}
+        tensors.update({f"adam.{name}": value for name, value in self.adam.items()})
+        if self.kept_lam is not None:
+            tensors["kept_lam"] = self.kept_lam
+        tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
+        metadata = {"format": STATE_FORMAT, "method": self.method, "step": str(self.step), "kept": repr(self.kept),
+                    "best": repr(self.best), "best_step": str(self.best_step)}
+        return safetensors_bytes(tensors, metadata=metadata)
+
+    @classmethod
+    def from_bytes(cls, data):
+        try:
+            tensors = load_bytes(data)
+            n = int.from_bytes(data[:8], "little")
+            meta = json.loads(data[8:8 + n]).get("__metadata__", {})
+            if meta.get("format") != STATE_FORMAT:
+                raise ValueError(f"format is {meta.get('format')!r}, expected {STATE_FORMAT!r}")
+            return cls(method=meta["method"], step=int(meta["step"]), directions=tensors["directions"],
+                       param=tensors["param"],
+                       adam={name[5:]: t for name, t in tensors.items() if name.startswith("adam.")},
+                       kept=float(meta["kept"]), kept_lam=tensors.get("kept_lam"), best=float(meta["best"]),
+                       best_step=int(meta["best_step"]), losses=tensors["losses"].tolist())
+        except Exception as e:  # safetensors raises its own types for corrupt data
+            raise CheckpointError(f"not an insert state ({e})") from e
+
+    def check(self, config, q, param_shape):
+        """Raise ``IncompatibleError`` unless this state continues an insert with ``config``
+        along ``q`` (close: the directions may come from another device) on a parameter of
+        ``param_shape``."""
+        if self.method != config.method:
+            raise IncompatibleError(f"the insert state is of method {self.method!r}, not {config.method!r}")
+        if tuple(self.param.shape) != tuple(param_shape) or self.directions.shape != q.shape:
+            raise IncompatibleError(f"the insert state's parameter {tuple(self.param.shape)} or directions "
+                                    f"{tuple(self.directions.shape)} do not fit {tuple(param_shape)}, {tuple(q.shape)}")
+        if not torch.allclose(self.directions.to(q), q, atol=1e-4):
+            raise IncompatibleError("the insert state was optimised along other directions")
+        if not 0 <= self.step <= config.steps or len(self.losses) != self.step:
+            raise IncompatibleError(f"the insert state stopped at step {self.step} of {config.steps}")
+
+
 def orthonormal_basis(directions):
     """Orthonormal rows spanning the rows of ``directions`` (QR, signs kept); raises if dependent."""
     q, r = torch.linalg.qr(directions.to(torch.float64).T)
@@ -143,13 +213,14 @@ def _loss_fn(name):
 
 
 def insert(model, layer, inputs, target, directions, config=None, kwargs=None,
-           progress=None, should_stop=None, moment=None, output_crop=None):
+           progress=None, should_stop=None, moment=None, output_crop=None, resume=None):
     """Find ``lam`` so that ``layer`` with ``W0 + lam x_in D`` maps ``inputs`` to ``target``.
 
     ``inputs`` are the target layer's arguments (a tensor or tuple, e.g. ``Trace.inputs``),
     ``target`` the wanted output, ``directions`` D [r, C_in]. ``progress(step, loss)``
     is called after each step; ``should_stop()`` is polled before each step and
-    raises ``Cancelled``. ``moment``: the keys' second moment C, the metric in which
+    raises ``Cancelled``, which carries an ``InsertState`` (``resume``: go on from one).
+    ``moment``: the keys' second moment C, the metric in which
     ``closed_form`` picks the least change (None: Euclidean). ``output_crop``: the
     (t, l, b, r) of the layer's output that ``target`` covers (``EditTargets.output_crop``).
     Returns an ``InsertResult``; the model is left unchanged.
@@ -177,10 +248,16 @@ def insert(model, layer, inputs, target, directions, config=None, kwargs=None,
     with torch.no_grad():
         initial = loss_at(w0).item()
     if config.method == "closed_form":
+        if resume is not None:
+            raise IncompatibleError("closed_form has no steps to resume")
         lam = closed_form(model, t, [(args, kwargs, target, output_crop)], q, moment)
         steps, stopped, losses = 0, False, []
     else:
-        lam, steps, stopped, losses = _optimize(config, t, w0, q, loss_at, progress, should_stop)
+        if resume is not None:
+            resume.check(config, q, w0.shape if config.method == "projected" else
+                         coefficients(w0, q, t.in_dim).shape)
+            q = resume.directions.to(q)  # the basis its parameter is expressed in
+        lam, steps, stopped, losses = _optimize(config, t, w0, q, loss_at, progress, should_stop, resume)
     with torch.no_grad():
         final = loss_at(w0 + expand(lam, q, t.in_dim)).item()
     return InsertResult(layer=t.layer, param=t.param, in_dim=t.in_dim, lam=lam.detach(),
@@ -196,7 +273,7 @@ def step_scale(config, w0):
     return rms if math.isfinite(rms) and rms > 0 else 1.0
 
 
-def _optimize(config, t, w0, q, loss_at, progress, should_stop):
+def _optimize(config, t, w0, q, loss_at, progress, should_stop, resume=None):
     lr = config.lr * step_scale(config, w0)
     coef0 = coefficients(w0, q, t.in_dim)
     projected = config.method == "projected"
@@ -210,12 +287,27 @@ def _optimize(config, t, w0, q, loss_at, progress, should_stop):
         weight_of = lambda: w0 + expand(param, q, t.in_dim)  # noqa: E731
         lam_of = lambda: param.detach().clone()  # noqa: E731
     opt = torch.optim.Adam([param], lr=lr)
-    losses, stopped, step = [], False, 0
+    losses, stopped, first = [], False, 0
     kept, kept_lam = math.inf, None  # lowest loss on W0 + span(D) so far, and its lam
     best, best_step = math.inf, 0  # plateau bookkeeping (improvements beyond the tolerance)
-    for step in range(config.steps):
+    if resume is not None:
+        with torch.no_grad():
+            param.copy_(resume.param)
+        if resume.adam:
+            opt.state[param] = {name: value.to(param.device) if name != "step" else value.clone()
+                                for name, value in resume.adam.items()}
+        first, losses = resume.step, list(resume.losses)
+        kept, best, best_step = resume.kept, resume.best, resume.best_step
+        kept_lam = None if resume.kept_lam is None else resume.kept_lam.to(param)
+
+    def state(step):
+        return InsertState(method=config.method, step=step, directions=q, param=param.detach().clone(),
+                           adam={name: value.clone() for name, value in opt.state[param].items()},
+                           kept=kept, kept_lam=kept_lam, best=best, best_step=best_step, losses=list(losses))
+
+    for step in range(first, config.steps):
         if should_stop is not None and should_stop():
-            raise Cancelled("insert cancelled")
+            raise Cancelled(f"insert cancelled before step {step}", state=state(step))
         with torch.enable_grad():
             loss = loss_at(weight_of())
             (grad,) = torch.autograd.grad(loss, param)

@@ -194,8 +194,8 @@ def expire(session_factory, retention_seconds: float, now: datetime | None = Non
 
 def _named_keys(session: Session, keys: list[str]) -> set[str]:
     """Those of ``keys`` that some row names."""
-    columns = (Model.object_key, Model.segmenter_object_key, Artifact.object_key, Statistic.object_key,
-               StatisticShard.object_key, Batch.input_object_key, Batch.output_object_key,
+    columns = (Model.object_key, Model.segmenter_object_key, Artifact.object_key, Job.resume_object_key,
+               Statistic.object_key, StatisticShard.object_key, Batch.input_object_key, Batch.output_object_key,
                BatchMerge.delta_object_key, BatchMerge.checkpoint_object_key, BatchMerge.report_object_key)
     return set(session.scalars(union_all(*(select(column).where(column.in_(keys)) for column in columns))))
 

@@ -14,6 +14,10 @@ grant increments ``fencing_token``; every later write of that worker names the t
 so once a lease has expired and another worker has claimed the job, the first worker's
 writes match no row and raise ``LeaseLost``. A late duplicate cannot overwrite a
 finished job.
+
+A job handed back may name its optimizer's state (``resume_object_key``), for the next
+claim to go on from; every ending drops it (``_drop_resume``): the object is recorded for
+the sweep (``storage.deletion``).
 """
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -21,6 +25,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
+from storage.deletion import record_deleted
 from storage.models import JOB_PHASES, JOB_TERMINAL_STATUSES, Job, JobEvent, new_id, utcnow
 
 ALLOWED = {
@@ -170,23 +175,33 @@ def finish(session: Session, lease: Lease, status: str, *, error_code: str | Non
         values["metrics"] = metrics
     if not _compare_and_set(session, lease.job_id, {"status": "running", "fencing_token": lease.token}, values):
         raise LeaseLost(lease.job_id)
+    _drop_resume(session, lease.job_id)
     add_event(session, lease.job_id, "transition", status=status,
               message=f"{error_code}: {error_message}" if error_code else None)
 
 
-def release(session: Session, lease: Lease, reason: str) -> None:
+def release(session: Session, lease: Lease, reason: str, resume=None) -> None:
     """Hand a running job back to the queue: its worker is stopping (a deploy) and will not
     end it. The lease is cleared, so the next delivery claims the job at once instead of
     waiting for the lease to expire; the claim takes a new fencing token, and this lease's
     writes match no row from now on (the job is no longer running). The claim is given
     back too (``attempts``): an orderly hand-back is not a worker death, so it does not
-    count towards ``max_attempts``. Raises ``LeaseLost`` when the job is no longer ours.
-    The caller sends the task again once this is committed."""
+    count towards ``max_attempts``. ``resume``: the stored object (``key``, ``sha256``) of
+    where its optimizer stood, replacing any the job named (None keeps that one: a job
+    handed back before it optimized again still goes on from its last state). Raises
+    ``LeaseLost`` when the job is no longer ours. The caller sends the task again once
+    this is committed."""
     _check(lease.job_id, "running", "queued")
     values = dict(status="queued", phase=None, progress_step=None, progress_total=None, progress_loss=None,
                   lease_owner=None, lease_expires_at=None, heartbeat_at=None, attempts=Job.attempts - 1)
+    replaced = None
+    if resume is not None:
+        replaced = session.scalar(select(Job.resume_object_key).where(Job.id == lease.job_id))
+        values.update(resume_object_key=resume.key, resume_sha256=resume.sha256)
     if not _compare_and_set(session, lease.job_id, {"status": "running", "fencing_token": lease.token}, values):
         raise LeaseLost(lease.job_id)
+    if replaced not in (None, getattr(resume, "key", None)):
+        record_deleted(session, [replaced])
     add_event(session, lease.job_id, "transition", status="queued", message=f"released by {lease.owner}: {reason}")
 
 
@@ -218,8 +233,18 @@ def _end_abandoned(session: Session, job_id: str, status: str, conditions: list,
                              .values(**values).execution_options(synchronize_session=False))
     if result.rowcount != 1:
         return False
+    _drop_resume(session, job_id)
     add_event(session, job_id, "transition", status=status, message=message)
     return True
+
+
+def _drop_resume(session: Session, job_id: str) -> None:
+    """A job that ended needs no optimizer state: record its object for the sweep."""
+    key = session.scalar(select(Job.resume_object_key).where(Job.id == job_id))
+    if key is not None:
+        record_deleted(session, [key])
+        session.execute(update(Job).where(Job.id == job_id).values(resume_object_key=None, resume_sha256=None)
+                        .execution_options(synchronize_session=False))
 
 
 def give_up(session: Session, job: Job, max_attempts: int, now: datetime | None = None) -> bool:
@@ -246,6 +271,7 @@ def fail_unclaimed(session: Session, job: Job, error_code: str, error_message: s
     values = dict(status="failed", finished_at=utcnow(), error_code=error_code, error_message=error_message)
     if not _compare_and_set(session, job.id, {"status": "queued", "fencing_token": job.fencing_token}, values):
         raise IllegalTransition(job.id, "changed", "failed")
+    _drop_resume(session, job.id)
     add_event(session, job.id, "transition", status="failed", message=f"{error_code}: {error_message}")
 
 
@@ -253,6 +279,7 @@ def cancel_queued(session: Session, job: Job) -> None:
     values = dict(status="cancelled", finished_at=utcnow(), cancel_requested=True)
     if not _compare_and_set(session, job.id, {"status": "queued", "fencing_token": job.fencing_token}, values):
         raise IllegalTransition(job.id, "changed", "cancelled")
+    _drop_resume(session, job.id)
     add_event(session, job.id, "transition", status="cancelled", message="cancelled before it ran")
 
 

@@ -302,6 +302,9 @@ class Job(Base):
         # the reaper's query: running jobs whose lease has expired
         Index("ix_jobs_status_lease_expires_at", "status", "lease_expires_at"),
         Index("ix_jobs_finished_at", "finished_at"),  # retention (storage.deletion.expire)
+        # the sweep asks whether a row names a key; only handed-back jobs have one
+        Index("ix_jobs_resume_object_key", "resume_object_key", postgresql_where=text("resume_object_key IS NOT NULL"),
+              sqlite_where=text("resume_object_key IS NOT NULL")),
         CheckConstraint(_in("status", JOB_STATUSES), name="status"),
         CheckConstraint(f"phase IS NULL OR {_in('phase', JOB_PHASES)}", name="phase"),
     )
@@ -329,6 +332,10 @@ class Job(Base):
     error_code: Mapped[str | None] = mapped_column(String(100))
     error_message: Mapped[str | None] = mapped_column(Text)
     metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # where its optimizer stood when a stopping worker handed it back (rewriting.insert.InsertState);
+    # the next claim goes on from there; dropped when the job ends (storage.lifecycle)
+    resume_object_key: Mapped[str | None] = mapped_column(String(1024))
+    resume_sha256: Mapped[str | None] = mapped_column(String(64))
 
     attempts: Mapped[int] = mapped_column(default=0, server_default=text("0"))
     lease_owner: Mapped[str | None] = mapped_column(String(200))

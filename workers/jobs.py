@@ -30,8 +30,9 @@ and the reconciler), or ``internal_error`` (a bug: also raised, so Celery logs i
 ends it ``cancelled``; a lost lease stops it without writing anything.
 A worker that is stopping (SIGTERM) lets the job run for
 ``PALIMPSEST_WORKER_SHUTDOWN_GRACE_SECONDS``, then stops it between steps, releases it
-(``queued`` again, ``storage.lifecycle.release``) and sends the task again, so that another
-worker takes it at once (docs/workers.md, Shutdown).
+(``queued`` again, ``storage.lifecycle.release``) with the state its optimizer had reached,
+and sends the task again, so that another worker takes it at once and goes on from that
+step (docs/workers.md, Shutdown).
 
 Faults (docs/reliability.md): database writes are retried with backoff for
 ``PALIMPSEST_DB_RETRY_SECONDS`` and uploads for ``PALIMPSEST_STORAGE_RETRY_SECONDS``
@@ -58,13 +59,15 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from rewriting.checkpoint import load_model
 from rewriting.delta import applied, materialize
 from rewriting.edit import run_edit
-from rewriting.errors import Cancelled, EditRequestError, EngineError
+from rewriting.errors import Cancelled, CheckpointError, EditRequestError, EngineError, IncompatibleError
+from rewriting.insert import InsertState
 from rewriting.layers import editable_layers
 from rewriting.metrics import edit_metrics, held_out_seeds, segment
 from rewriting.render import generate, image_grid
 from rewriting.requests import check_layer, mask_at, parse_request
 from storage import lifecycle
 from storage.db import session_scope
+from storage.deletion import record_deleted
 from storage.models import Artifact, Job, Model
 from storage.objects import ObjectNotFound, StorageUnavailable
 from workers.batches import job_ended
@@ -186,11 +189,11 @@ def process_job(session_factory, store, settings, job_id: str, owner: str | None
             return "succeeded"
         except lifecycle.LeaseLost:
             return None
-        except Cancelled:
+        except Cancelled as e:
             if heartbeat.job_lost:
                 return None
             if heartbeat.handing_back and not heartbeat.cancel_requested:  # a cancel still wins
-                return _hand_back(session_factory, settings, lease, grace)
+                return _hand_back(session_factory, store, settings, lease, grace, e.state)
             return _end(session_factory, settings, lease, "cancelled")
         except JobFailed as e:
             return _end(session_factory, settings, lease, "failed", e.code, str(e))
@@ -225,17 +228,55 @@ def _end(session_factory, settings, lease, status, code=None, message=None) -> s
     return status
 
 
-def _hand_back(session_factory, settings, lease, grace) -> str | None:
+def _hand_back(session_factory, store, settings, lease, grace, state=None) -> str | None:
     """Release the job (``queued``), its lease cleared, so that another worker can claim it
-    as soon as the task is sent again (``run_job`` does that once this is committed)."""
+    as soon as the task is sent again (``run_job`` does that once this is committed).
+    ``state``: where its optimizer stood (``rewriting.insert.InsertState``), saved for the
+    next claim to go on from (``load_resume``); a state that cannot be saved is dropped,
+    and the job then optimizes from where it last stood (or from the start)."""
     reason = f"its worker was stopping (still running {grace} s after the shutdown began); queued again"
+    stored = _save_resume(session_factory, store, settings, lease, state) if state is not None else None
+    if stored is not None:
+        reason += f", to go on from optimizer step {state.step}"
     try:
-        retry_transaction(session_factory, lambda session: lifecycle.release(session, lease, reason),
+        retry_transaction(session_factory, lambda session: lifecycle.release(session, lease, reason, resume=stored),
                           budget_s=settings.db_retry_seconds, what=f"job {lease.job_id}: release")
     except lifecycle.LeaseLost:
+        if stored is not None:  # no row will name it: for the sweep
+            retry_transaction(session_factory, lambda session: record_deleted(session, [stored.key]),
+                              budget_s=settings.db_retry_seconds, what=f"job {lease.job_id}: drop resume")
         return None
     log.info("job %s: handed back (the worker is stopping)", lease.job_id)
     return "queued"
+
+
+RESUME_NAME = "insert_state.safetensors"
+
+
+def _save_resume(session_factory, store, settings, lease, state):
+    """Upload ``state`` (one try: the orchestrator's kill is near); its StoredObject, or None."""
+    try:
+        tenant = retry_transaction(session_factory, lambda session: session.scalar(
+            select(Job.tenant_id).where(Job.id == lease.job_id)), budget_s=settings.db_retry_seconds,
+            what=f"job {lease.job_id}: read")
+        return put_bytes(session_factory, store, state.to_bytes(), tenant, "resume", RESUME_NAME,
+                         "application/octet-stream", db_retry_s=settings.db_retry_seconds)
+    except Exception:
+        log.warning("job %s: its optimizer state was not saved; the next worker starts the insert over",
+                    lease.job_id, exc_info=True)
+        return None
+
+
+def load_resume(store, cache, job):
+    """The ``InsertState`` a handed-back ``job`` names, or None (none, or unreadable: start over)."""
+    if job.resume_object_key is None:
+        return None
+    try:
+        return InsertState.from_bytes(fetch(store, job.resume_object_key, cache, job.resume_sha256).read_bytes())
+    except (ObjectNotFound, ChecksumMismatch, CheckpointError, StorageUnavailable):
+        log.warning("job %s: its saved optimizer state cannot be read; starting the insert over", job.id,
+                    exc_info=True)
+        return None
 
 
 def send_again(app, job_id: str) -> None:
@@ -288,7 +329,8 @@ def run_claimed(session_factory, store, settings, lease, heartbeat, warm=None, s
         shard_samples=settings.shard_samples, warm=warm, send_shard=send_shard, retry_s=settings.db_retry_seconds)
 
     steps = request.params.steps
-    phase("optimizing", step=0, total=steps)
+    resume = load_resume(store, cache, plan.job)
+    phase("optimizing", step=resume.step if resume else 0, total=steps)
 
     def on_edit(name, step, loss):
         if name == "insert":
@@ -296,13 +338,26 @@ def run_claimed(session_factory, store, settings, lease, heartbeat, warm=None, s
         elif name == "done":
             progress.milestone("optimizing", step, steps, loss)
 
-    result = run_edit(model, layer, request, moment, params=request.params, progress=on_edit,
-                      should_stop=heartbeat.should_stop, base_sha256=plan.base_sha256)
+    def edit(resume):
+        return run_edit(model, layer, request, moment, params=request.params, progress=on_edit,
+                        should_stop=heartbeat.should_stop, base_sha256=plan.base_sha256, resume=resume)
+
+    try:
+        result = edit(resume)
+    except IncompatibleError:
+        if resume is None:
+            raise
+        # a state from another version of the engine (a deploy changed how directions are found)
+        log.warning("job %s: its saved optimizer state does not fit; starting the insert over", lease.job_id,
+                    exc_info=True)
+        resume = None
+        result = edit(None)
 
     phase("evaluating")
     metrics, preview = evaluate(model, segmenter, result, request, options,
                                 classes if segmenter is not None else None)
     metrics["statistic"] = {"id": statistic.id, "sample_spec": statistic.sample_spec, "count": statistic.count}
+    metrics["resumed_from_step"] = resume.step if resume else 0
 
     phase("uploading")
     pause_for_tests(settings.test_slow_upload_seconds, heartbeat)

@@ -7,8 +7,8 @@ from torch import nn
 
 from rewriting.delta import expand
 from rewriting.directions import covariance_adjusted_keys, regularized
-from rewriting.errors import Cancelled, EditRequestError
-from rewriting.insert import InsertConfig, insert, orthonormal_basis
+from rewriting.errors import Cancelled, EditRequestError, IncompatibleError
+from rewriting.insert import InsertConfig, InsertState, insert, orthonormal_basis
 from rewriting.layers import layer_forward
 from rewriting.statistics import SecondMoment
 from tests.engine.tiny_models import EqualBlock, EqualConv2d, EqualLinear
@@ -200,6 +200,62 @@ def test_cancel_between_steps():
     with pytest.raises(Cancelled):
         insert(model, "conv", (x,), target, d, InsertConfig(), should_stop=should_stop)
     assert len(calls) == 6
+
+
+def stopped_at(step, model, x, target, d, config):
+    """The state of an insert stopped before ``step``, through its bytes (as the workers keep it)."""
+    calls = []
+    with pytest.raises(Cancelled) as stopped:
+        insert(model, "conv", (x,), target, d, config, should_stop=lambda: calls.append(1) or len(calls) > step)
+    assert stopped.value.state.step == step
+    return InsertState.from_bytes(stopped.value.state.to_bytes())
+
+
+@pytest.mark.parametrize("method, patience", [("lambda", 0), ("lambda", 30), ("projected", 0), ("projected", 30)])
+def test_a_resumed_insert_ends_as_one_never_stopped_bit_for_bit(method, patience):
+    model, x, target, d = conv_problem("equalized")
+    config = InsertConfig(method=method, steps=300, plateau_patience=patience, plateau_tolerance=0.01,
+                          projection_interval=7)
+    whole = insert(model, "conv", (x,), target, d, config)
+    # stopped twice: before a projection step, and (projected) mid-interval
+    state = stopped_at(57, model, x, target, d, config)
+    seen = []
+    with pytest.raises(Cancelled) as again:
+        insert(model, "conv", (x,), target, d, config, resume=state,
+               should_stop=lambda: seen.append(1) or len(seen) > 40)
+    state = InsertState.from_bytes(again.value.state.to_bytes())
+    assert state.step == 97 and state.adam["step"].item() == 97
+    steps = []
+    resumed = insert(model, "conv", (x,), target, d, config, resume=state,
+                     progress=lambda step, loss: steps.append(step))
+    assert steps[0] == 97 and steps[-1] == resumed.steps - 1
+    assert (resumed.steps, resumed.stopped_early) == (whole.steps, whole.stopped_early)
+    assert resumed.losses == whole.losses
+    assert torch.equal(resumed.lam, whole.lam) and torch.equal(resumed.directions, whole.directions)
+    assert patience == 0 or whole.stopped_early  # the plateau bookkeeping carried over too
+
+
+def test_a_state_from_before_the_first_step_starts_afresh():
+    model, x, target, d = conv_problem("equalized")
+    config = InsertConfig(steps=50)
+    state = stopped_at(0, model, x, target, d, config)
+    assert state.adam == {} and state.losses == []
+    resumed = insert(model, "conv", (x,), target, d, config, resume=state)
+    assert torch.equal(resumed.lam, insert(model, "conv", (x,), target, d, config).lam)
+
+
+def test_a_state_that_does_not_fit_is_refused():
+    model, x, target, d = conv_problem("equalized")
+    state = stopped_at(5, model, x, target, d, InsertConfig(steps=50))
+    with pytest.raises(IncompatibleError, match="method"):
+        insert(model, "conv", (x,), target, d, InsertConfig(method="projected", steps=50), resume=state)
+    other = torch.randn_like(d)
+    with pytest.raises(IncompatibleError, match="other directions"):
+        insert(model, "conv", (x,), target, other / other.norm(), InsertConfig(steps=50), resume=state)
+    with pytest.raises(IncompatibleError, match="step 5 of 3"):
+        insert(model, "conv", (x,), target, d, InsertConfig(steps=3), resume=state)
+    with pytest.raises(IncompatibleError, match="closed_form"):
+        insert(model, "conv", (x,), target, d, InsertConfig(method="closed_form"), resume=state)
 
 
 @pytest.mark.parametrize("kwargs, field", [

@@ -87,6 +87,11 @@ def test_a_stopping_worker_hands_its_job_to_the_other_worker(service, figures, g
     assert not [e for e in events if e.message and e.message.startswith("reconciler")]
     # the released job wrote nothing more: every later progress event is the new owner's run
     assert [e.phase for e in events if e.kind == "progress" and e.seq > reclaimed.seq][0] == "loading"
+    # which went on from the optimizer step the stopping worker had reached
+    stopped_at = int(released.message.rsplit(" ", 1)[1])
+    assert released.message.endswith(f", to go on from optimizer step {stopped_at}") and stopped_at > 0
+    assert [e.step for e in events if e.phase == "optimizing" and e.seq > reclaimed.seq][0] == stopped_at
+    assert final.metrics["resumed_from_step"] == stopped_at < final.metrics["steps"] <= 4000
     # the stopping worker was optimizing when it stopped
     assert any(e.kind == "progress" and e.phase == "optimizing" and e.seq < released.seq for e in events)
     assert_one_artifact_set(service, job_id)
@@ -94,7 +99,7 @@ def test_a_stopping_worker_hands_its_job_to_the_other_worker(service, figures, g
     figures.update(grace_s=GRACE_S, sigterm_to_exit_s=round(exit_s, 2),
                    sigterm_to_released_s=seconds(sent_at, released.created_at),
                    sigterm_to_reclaimed_s=seconds(sent_at, reclaimed.created_at),
-                   sigterm_to_succeeded_s=seconds(sent_at, final.finished_at))
+                   sigterm_to_succeeded_s=seconds(sent_at, final.finished_at), resumed_from_step=stopped_at)
 
 
 def test_a_job_that_ends_within_the_grace_ends_on_its_worker(service, figures):
@@ -191,6 +196,8 @@ def test_a_cold_shutdown_still_stops_the_running_job_at_once(service, figures):
     victim.popen.wait(timeout=60)
     exit_s = time.monotonic() - start
     service.workers.remove(victim)
-    assert exit_s < GRACE_S, victim.log()[-3000:]
+    # 3.4-3.9 s here (the pool process waits up to 1 s for a warm shutdown, then Celery's own
+    # cold shutdown); one that waited out the grace would hand the job back and exit after 7-8 s
+    assert exit_s < GRACE_S + 2, victim.log()[-3000:]
     assert "released by" not in " ".join(e.message or "" for e in service.transitions(job.id))
     figures.update(sigquit_to_exit_s=round(exit_s, 2))

@@ -65,6 +65,24 @@ def test_only_records_past_the_grace_are_swept(session_factory, store):
     assert exists(store, new) and recorded(session_factory, new)
 
 
+def test_the_sweep_keeps_a_resume_state_a_queued_job_names(session_factory, tmp_path):
+    """Two handed-back jobs with the same state share its content-addressed object: one job
+    ending does not take it from the other."""
+    from storage import lifecycle
+
+    store = open_store(f"file://{tmp_path}/objects")
+    key = f"tenants/t/resume/{secrets.token_hex(32)}/insert_state.safetensors"
+    store.put(key, io.BytesIO(b"state"))
+    with session_scope(session_factory) as session:
+        tenant, model = tenant_and_model(session, "resume")
+        job = lifecycle.create_job(session, tenant_id=tenant.id, model_id=model.id, layer="l")
+        session.flush()
+        job.resume_object_key = key
+    record(session_factory, key, age_s=120)  # the other job ended
+    deletion.sweep(session_factory, store, grace_seconds=60)
+    assert exists(store, key)
+
+
 class WatchedStore:
     """The real store; ``during_delete`` runs inside the sweep's transaction, at each delete."""
 

@@ -211,3 +211,53 @@ def test_a_released_job_whose_cancel_was_requested_ends_cancelled_at_its_next_cl
         assert lifecycle.claim(s, job_id, "w2", ttl=30) is None
     j = job(session_factory, job_id)
     assert (j.status, j.fencing_token) == ("cancelled", 1)
+
+
+def resume_state(job_id, n):
+    """A stored optimizer state of the job (its key names the job: the PostgreSQL database is shared)."""
+    from storage.objects import StoredObject
+
+    sha = f"{n:064x}"
+    return StoredObject(key=f"tenants/{job_id}/resume/{sha}/insert_state.safetensors", sha256=sha, size=10)
+
+
+def recorded(session_factory, job_id) -> set:
+    from storage.models import DeletedObject
+
+    with session_scope(session_factory) as s:
+        return set(s.scalars(select(DeletedObject.object_key).where(
+            DeletedObject.object_key.like(f"tenants/{job_id}/%"))))
+
+
+@pytest.mark.parametrize("ending", ["finish", "fail_unclaimed", "cancel_queued", "give_up"])
+def test_a_jobs_resume_state_lives_from_its_release_until_it_ends(session_factory, job_id, ending):
+    """A release names the optimizer state; a later release without one keeps it, one with a
+    new one replaces it (the old object goes to the sweep); every ending drops it."""
+    first, second = resume_state(job_id, 1), resume_state(job_id, 2)
+    with session_scope(session_factory) as s:
+        lifecycle.release(s, lifecycle.claim(s, job_id, "w1", ttl=30), "stopping", resume=first)
+    assert (job(session_factory, job_id).resume_object_key, recorded(session_factory, job_id)) == (first.key, set())
+    with session_scope(session_factory) as s:  # handed back again before it optimized: kept
+        lifecycle.release(s, lifecycle.claim(s, job_id, "w2", ttl=30), "stopping")
+    assert job(session_factory, job_id).resume_sha256 == first.sha256
+    with session_scope(session_factory) as s:
+        lifecycle.release(s, lifecycle.claim(s, job_id, "w3", ttl=30), "stopping", resume=second)
+    assert (job(session_factory, job_id).resume_object_key, recorded(session_factory, job_id)) == (second.key, {first.key})
+
+    with session_scope(session_factory) as s:
+        j = s.get(Job, job_id)
+        if ending == "finish":
+            lifecycle.finish(s, lifecycle.claim(s, job_id, "w4", ttl=30), "failed", error_code="x")
+        elif ending == "fail_unclaimed":
+            lifecycle.fail_unclaimed(s, j, "model_not_ready", "gone")
+        elif ending == "cancel_queued":
+            lifecycle.cancel_queued(s, j)
+        else:
+            lifecycle.claim(s, job_id, "w4", ttl=30, now=utcnow() - timedelta(seconds=60))
+    if ending == "give_up":  # its worker died: the claim after the lease gives up on it
+        with session_scope(session_factory) as s:
+            assert lifecycle.claim(s, job_id, "w5", ttl=30, max_attempts=1) is None
+    j = job(session_factory, job_id)
+    assert j.status in ("failed", "cancelled")
+    assert (j.resume_object_key, j.resume_sha256) == (None, None)
+    assert recorded(session_factory, job_id) == {first.key, second.key}

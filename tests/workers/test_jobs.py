@@ -8,6 +8,7 @@ import io
 import json
 import threading
 import time
+from dataclasses import replace
 from datetime import timedelta
 
 import pytest
@@ -278,6 +279,55 @@ def test_a_worker_whose_lease_was_taken_over_stops_without_writing(world, tiny_m
     job = job_row(world, job_id)
     assert (job.status, job.lease_owner, job.fencing_token) == ("running", "thief:2", 2)
     assert artifacts(world, job_id) == {}
+
+
+def test_a_handed_back_job_goes_on_from_its_optimizer_step(world, tiny_model):
+    """A stopping worker (past its grace) saves where the optimizer stood; the next claim goes
+    on from that step and ends with the artifacts of a run that never stopped, byte for byte."""
+    from storage.models import DeletedObject
+    from workers.heartbeat import ShutdownNotice
+
+    params = fast_params(steps=4000, plateau_patience=0)
+    whole_id = world.job(tiny_model.tenant_id, tiny_model.model_id, params=params)
+    assert process_job(world.session_factory, world.store, world.settings, whole_id) == "succeeded"
+
+    job_id = world.job(tiny_model.tenant_id, tiny_model.model_id, params=params)
+    notice, result = ShutdownNotice(), {}
+    settings = replace(world.settings, worker_shutdown_grace_seconds=0)
+    thread = threading.Thread(target=lambda: result.update(status=process_job(
+        world.session_factory, world.store, settings, job_id, owner="stopping:1", shutdown=notice)))
+    thread.start()
+    wait_for(lambda: (job := job_row(world, job_id)).phase == "optimizing" and (job.progress_step or 0) > 0)
+    notice.announce()
+    thread.join(timeout=30)
+    assert result == {"status": "queued"}
+    job = job_row(world, job_id)
+    assert (job.status, job.attempts) == ("queued", 0)
+    key = job.resume_object_key
+    assert key.startswith(f"tenants/{tiny_model.tenant_id}/resume/{job.resume_sha256}/")
+    assert sha256(world.read(key)) == job.resume_sha256
+    with session_scope(world.session_factory) as session:
+        released = session.scalars(select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.status == "queued")
+                                   .order_by(JobEvent.seq.desc())).first()
+    stopped_at = int(released.message.rsplit(" ", 1)[1])
+    assert released.message.startswith("released by stopping:1: its worker was stopping") and 0 < stopped_at < 4000
+
+    assert process_job(world.session_factory, world.store, world.settings, job_id) == "succeeded"
+    job = job_row(world, job_id)
+    assert job.metrics["resumed_from_step"] == stopped_at and job.metrics["steps"] == 4000
+    assert (job.resume_object_key, job.resume_sha256) == (None, None)
+    with session_scope(world.session_factory) as session:  # the state is the sweep's now
+        assert session.get(DeletedObject, key) is not None
+    optimizing = [e for e in events(world, job_id) if e[0] == "progress" and e[2] == "optimizing"]
+    assert optimizing  # and the resumed run's first optimizing milestone names the step it went on from
+    with session_scope(world.session_factory) as session:
+        steps = list(session.scalars(select(JobEvent.step).where(
+            JobEvent.job_id == job_id, JobEvent.kind == "progress", JobEvent.phase == "optimizing",
+            JobEvent.seq > released.seq).order_by(JobEvent.seq)))
+    assert steps[0] == stopped_at
+    whole, resumed = artifacts(world, whole_id), artifacts(world, job_id)
+    assert resumed["delta"].sha256 == whole["delta"].sha256
+    assert resumed["checkpoint"].sha256 == whole["checkpoint"].sha256
 
 
 def test_demo_job_names_the_classes_it_measures(sqlite_url, tmp_path):
