@@ -256,3 +256,34 @@ def test_jobs_and_batches_expire_leaves_first_and_wait_for_younger_dependents(se
     assert recorded(session_factory, f"key-{alone.id}") and recorded(session_factory, f"in-{tenant.id}")
     # nothing more is due: a second pass deletes nothing
     assert deletion.expire(session_factory, retention_seconds=86400, now=now) == {"jobs": 0, "batches": 0}
+
+
+def test_batches_that_outside_jobs_hold_do_not_take_the_places_of_younger_expired_ones(session_factory,
+                                                                                          monkeypatch):
+    from datetime import datetime, timezone
+
+    from sqlalchemy import select
+
+    from storage.models import Batch, Job
+
+    monkeypatch.setattr(deletion, "EXPIRE_LIMIT", 2)  # batches one pass looks at
+    oldest = datetime(1990, 1, 1, tzinfo=timezone.utc)  # before every other test's rows
+    with session_scope(session_factory) as session:
+        tenant, model = tenant_and_model(session, "held")
+        held = [Batch(tenant_id=tenant.id, status="completed", finished_at=oldest + timedelta(days=i))
+                for i in range(3)]
+        due = Batch(tenant_id=tenant.id, status="completed", finished_at=oldest + timedelta(days=10))
+        session.add_all([*held, due])
+        session.flush()
+        for batch in held:  # each batch's member is the base of a live job outside it
+            member = Job(tenant_id=tenant.id, model_id=model.id, layer="l", status="succeeded",
+                         finished_at=batch.finished_at, batch_id=batch.id)
+            session.add(member)
+            session.flush()
+            session.add(Job(tenant_id=tenant.id, model_id=model.id, layer="l", status="queued",
+                            base_job_id=member.id))
+        ids = [b.id for b in held] + [due.id]
+    deletion.expire(session_factory, retention_seconds=86400, now=datetime(1991, 1, 1, tzinfo=timezone.utc))
+    with session_scope(session_factory) as session:
+        left = set(session.scalars(select(Batch.id).where(Batch.id.in_(ids))))
+    assert left == set(ids[:3])
