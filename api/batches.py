@@ -83,6 +83,10 @@ def get_batch(batch_id: str) -> Batch:
     return batch
 
 
+def batch_view(batch: Batch) -> dict:
+    return batch_json(batch, current_app.config["PALIMPSEST_RETENTION_SECONDS"])
+
+
 # -- reading the submission -------------------------------------------------------------
 
 def read_limited(stream, limit: int) -> bytes:
@@ -266,7 +270,7 @@ def submit_batch():
         fail_batch(current_app.extensions["palimpsest_db"].session_factory, batch_id, "queue_unavailable",
                    "the batch's jobs could not be queued", current_app.extensions["celery"])
         raise
-    return batch_json(get_batch(batch_id)), 202, {"Location": f"/v1/batches/{batch_id}"}
+    return batch_view(get_batch(batch_id)), 202, {"Location": f"/v1/batches/{batch_id}"}
 
 
 @bp.get("/batches")
@@ -282,7 +286,7 @@ def list_batches():
     if (model_id := args.get("model")) is not None:  # batches with a member on this model
         query = query.where(select(Job.id).where(Job.batch_id == Batch.id, Job.model_id == model_id).exists())
     batches, next_cursor = page(query, Batch, args)
-    return {"batches": [batch_json(b) for b in batches], "next_cursor": next_cursor}
+    return {"batches": [batch_view(b) for b in batches], "next_cursor": next_cursor}
 
 
 def merge_view(row: BatchMerge) -> dict:
@@ -302,7 +306,7 @@ def show(batch: Batch) -> dict:
     """The batch resource, with its merges (a merged batch's joint solves; else none)."""
     merges = get_session().scalars(select(BatchMerge).where(BatchMerge.batch_id == batch.id)
                                    .order_by(BatchMerge.created_at, BatchMerge.id))
-    return {**batch_json(batch), "merges": [merge_view(row) for row in merges]}
+    return {**batch_view(batch), "merges": [merge_view(row) for row in merges]}
 
 
 @bp.get("/batches/<batch_id>")
@@ -465,11 +469,14 @@ OPENAPI_SCHEMAS = {
                       "description": "Why a failed batch could not be processed"},
             "created_at": {"type": "string", "format": "date-time"},
             "finished_at": {"oneOf": [{"type": "string", "format": "date-time"}, {"type": "null"}]},
+            "expires_at": {"oneOf": [{"type": "string", "format": "date-time"}, {"type": "null"}],
+                           "description": "When retention (PALIMPSEST_RETENTION_SECONDS) deletes the ended batch "
+                                          "and its members, at the earliest; null: not ended or no retention"},
             "merges": {"type": "array", "items": {"$ref": "#/components/schemas/BatchMerge"},
                        "description": "Only in GET /v1/batches/{id} and cancel's answer"},
         },
         "required": ["id", "status", "request_counts", "merge", "priority", "webhook", "error", "created_at",
-                     "finished_at"],
+                     "finished_at", "expires_at"],
     },
     "BatchMerge": {
         "type": "object",

@@ -68,7 +68,7 @@ def artifact_url(artifact: Artifact) -> str:
 
 
 def job_json(job: Job, artifacts: list[Artifact]) -> dict:
-    return resources.job_json(job, artifacts, artifact_url)
+    return resources.job_json(job, artifacts, artifact_url, current_app.config["PALIMPSEST_RETENTION_SECONDS"])
 
 
 def artifacts_of(job_ids: list[str]) -> dict[str, list[Artifact]]:
@@ -400,6 +400,10 @@ OPENAPI_SCHEMAS = {
             "created_at": {"type": "string", "format": "date-time"},
             "started_at": _nullable({"type": "string", "format": "date-time"}),
             "finished_at": _nullable({"type": "string", "format": "date-time"}),
+            "expires_at": _nullable({"type": "string", "format": "date-time",
+                                     "description": "When retention (PALIMPSEST_RETENTION_SECONDS) deletes the "
+                                                    "ended job, at the earliest; null: not ended, no retention, "
+                                                    "or a batch member (it goes with its batch)"}),
             "error": _nullable({"type": "object", "properties": {"code": {"type": "string"},
                                                                  "message": {"type": "string"}},
                                 "required": ["code", "message"]}),
@@ -413,7 +417,7 @@ OPENAPI_SCHEMAS = {
             "cancel_requested": {"type": "boolean"},
         },
         "required": ["id", "status", "model", "layer", "progress", "created_at", "started_at", "finished_at",
-                     "error", "metrics", "artifacts", "base_job", "priority", "batch", "params", "webhook",
+                     "expires_at", "error", "metrics", "artifacts", "base_job", "priority", "batch", "params", "webhook",
                      "cancel_requested"],
     },
     "JobList": {

@@ -1,13 +1,22 @@
 """The JSON of a job and of a batch, as ``GET /v1/jobs/{id}`` and ``GET /v1/batches/{id}``
 answer and their webhooks carry: one definition for the API and the workers, so a notice
 cannot drift from the resource. No Flask here; the API passes its own artifact URLs."""
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from storage.models import ARTIFACT_NAMES, Artifact, Batch, Job
 
 
 def iso_time(value: datetime | None) -> str | None:
     return value.isoformat() if value is not None else None
+
+
+def expires_at(finished_at: datetime | None, retention_seconds: int) -> str | None:
+    """The earliest time retention deletes what ended at ``finished_at`` (``PALIMPSEST_RETENTION_SECONDS``;
+    ``storage.deletion.expire``): None when it has not ended or nothing expires. A job that
+    another job starts from waits for that one, so it may go later."""
+    if finished_at is None or retention_seconds <= 0:
+        return None
+    return iso_time(finished_at + timedelta(seconds=retention_seconds))
 
 
 def artifact_path(artifact: Artifact) -> str:
@@ -21,7 +30,9 @@ def artifacts_json(artifacts: list[Artifact], artifact_url=artifact_path) -> lis
              "url": artifact_url(a)} for a in sorted(artifacts, key=lambda a: ARTIFACT_NAMES.index(a.name))]
 
 
-def job_json(job: Job, artifacts: list[Artifact], artifact_url=artifact_path) -> dict:
+def job_json(job: Job, artifacts: list[Artifact], artifact_url=artifact_path, retention_seconds: int = 0) -> dict:
+    """``retention_seconds``: the deployment's retention, for ``expires_at`` (a batch's member
+    goes with its batch: null)."""
     return {
         "id": job.id,
         "status": job.status,
@@ -32,6 +43,7 @@ def job_json(job: Job, artifacts: list[Artifact], artifact_url=artifact_path) ->
         "created_at": iso_time(job.created_at),
         "started_at": iso_time(job.started_at),
         "finished_at": iso_time(job.finished_at),
+        "expires_at": None if job.batch_id else expires_at(job.finished_at, retention_seconds),
         "error": {"code": job.error_code, "message": job.error_message or ""} if job.error_code else None,
         "metrics": job.metrics,
         "artifacts": artifacts_json(artifacts, artifact_url),
@@ -44,7 +56,7 @@ def job_json(job: Job, artifacts: list[Artifact], artifact_url=artifact_path) ->
     }
 
 
-def batch_json(batch: Batch) -> dict:
+def batch_json(batch: Batch, retention_seconds: int = 0) -> dict:
     return {
         "id": batch.id,
         "status": batch.status,
@@ -56,4 +68,5 @@ def batch_json(batch: Batch) -> dict:
         "error": {"code": batch.error_code, "message": batch.error_message or ""} if batch.error_code else None,
         "created_at": iso_time(batch.created_at),
         "finished_at": iso_time(batch.finished_at),
+        "expires_at": expires_at(batch.finished_at, retention_seconds),
     }

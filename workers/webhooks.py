@@ -53,18 +53,20 @@ def backoff(settings, attempts: int) -> float:
     return min(MAX_BACKOFF_SECONDS, settings.webhook_retry_seconds * 2 ** (attempts - 1))
 
 
-def payload(session, delivery: WebhookDelivery) -> dict | None:
-    """The notice's JSON, or None when its job or batch no longer exists."""
+def payload(session, delivery: WebhookDelivery, retention_seconds: int) -> dict | None:
+    """The notice's JSON (the resource's, ``expires_at`` from ``retention_seconds``), or None
+    when its job or batch no longer exists."""
     if delivery.event == "job.completed":
         job = session.get(Job, delivery.subject_id)
         if job is None:
             return None
-        data = job_json(job, list(session.scalars(select(Artifact).where(Artifact.job_id == job.id))))
+        data = job_json(job, list(session.scalars(select(Artifact).where(Artifact.job_id == job.id))),
+                        retention_seconds=retention_seconds)
     else:
         batch = session.get(Batch, delivery.subject_id)
         if batch is None:
             return None
-        data = batch_json(batch)
+        data = batch_json(batch, retention_seconds)
     return {"id": delivery.id, "type": delivery.event, "created_at": iso_time(delivery.created_at), "data": data}
 
 
@@ -83,7 +85,7 @@ def deliver(session_factory, settings, delivery_id: str, http=None) -> Outcome:
         if delivery is None or delivery.status != "pending":
             return Outcome(delivery.status if delivery is not None else "missing")
         problem = url_problem(delivery.url, settings.webhook_allowed_hosts)
-        body = None if problem else payload(session, delivery)
+        body = None if problem else payload(session, delivery, settings.retention_seconds)
         url, event, attempts = delivery.url, delivery.event, delivery.attempts + 1
     if problem:
         log.warning("webhook %s refused, not sent: %s", delivery_id, problem)

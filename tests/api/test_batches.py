@@ -5,6 +5,7 @@ The app runs on a migrated SQLite file, the embedded SQL broker and a file store
 messages the API queued are read back from the broker (``queued``)."""
 import io
 import json
+from datetime import datetime, timedelta
 
 import pytest
 from sqlalchemy import func, select
@@ -315,6 +316,10 @@ def test_cancel_with_only_queued_members_ends_at_once(app, client, alice, model)
     assert (again.status_code, again.json["error"]["code"]) == (409, "batch_finished")
 
 
+def parse_time(value: str) -> datetime:
+    return datetime.fromisoformat(value)
+
+
 def test_cancel_stops_running_members_then_ends(app, client, alice, model):
     batch = submit_batch(client, alice, model, n=3)
     first, second, third = member_ids(app, batch["id"])
@@ -337,6 +342,15 @@ def test_cancel_stops_running_members_then_ends(app, client, alice, model):
     final = client.get(f"/v1/batches/{batch['id']}", headers=alice.headers).json
     assert final["status"] == "cancelled" and final["finished_at"]
     assert final["request_counts"] == {"total": 3, "succeeded": 1, "failed": 0, "cancelled": 2}
+    assert final["expires_at"] is None  # no retention by default
+
+    # with retention, the batch says when it goes; its members go with it
+    app.config["PALIMPSEST_RETENTION_SECONDS"] = 3600
+    final = client.get(f"/v1/batches/{batch['id']}", headers=alice.headers).json
+    assert parse_time(final["expires_at"]) - parse_time(final["finished_at"]) == timedelta(hours=1)
+    assert client.get(f"/v1/jobs/{first}", headers=alice.headers).json["expires_at"] is None
+    listed = client.get("/v1/batches", headers=alice.headers).json["batches"]
+    assert [b["expires_at"] for b in listed if b["id"] == batch["id"]] == [final["expires_at"]]
 
 
 def test_cancel_of_another_tenants_batch_is_404(app, client, alice, bob, model):

@@ -189,11 +189,24 @@ def test_chained_job_records_its_base(app, client, alice, model):
     assert job["base_job"] == base
 
 
+def test_an_ended_job_says_when_retention_deletes_it(app, client, alice, model):
+    from datetime import datetime, timedelta
+
+    ended, queued = add_job(app, alice.id, model, "succeeded"), add_job(app, alice.id, model)
+    assert client.get(f"/v1/jobs/{ended}", headers=alice.headers).json["expires_at"] is None  # no retention
+    app.config["PALIMPSEST_RETENTION_SECONDS"] = 86400
+    job = client.get(f"/v1/jobs/{ended}", headers=alice.headers).json
+    expires = datetime.fromisoformat(job["expires_at"])
+    assert expires - datetime.fromisoformat(job["finished_at"]) == timedelta(days=1)
+    assert client.get(f"/v1/jobs/{queued}", headers=alice.headers).json["expires_at"] is None  # not ended
+    listed = {j["id"]: j["expires_at"] for j in client.get("/v1/jobs", headers=alice.headers).json["jobs"]}
+    assert listed[ended] == job["expires_at"] and listed[queued] is None
+
 def test_job_shape(app, client, alice, model):
     job_id = add_job(app, alice.id, model, "failed")
     job = client.get(f"/v1/jobs/{job_id}", headers=alice.headers).json
     assert set(job) == {"id", "status", "model", "layer", "progress", "created_at", "started_at", "finished_at",
-                        "error", "metrics", "artifacts", "base_job", "priority", "batch", "params", "webhook",
+                        "expires_at", "error", "metrics", "artifacts", "base_job", "priority", "batch", "params", "webhook",
                         "cancel_requested"}
     assert set(job["progress"]) == {"phase", "step", "total", "loss"}
     assert job["error"] == {"code": "boom", "message": "it broke"}
