@@ -47,6 +47,13 @@ def safetensors_bytes(tensors, metadata=None):
     return len(header).to_bytes(8, "little") + header + memoryview(data)[8 + n:]
 
 
+def safetensors_metadata(data):
+    """The str metadata of safetensors ``data`` (bytes): an 8-byte little-endian header
+    length, then a JSON header whose ``__metadata__`` holds it."""
+    n = int.from_bytes(data[:8], "little")
+    return json.loads(data[8:8 + n]).get("__metadata__", {})
+
+
 def write_safetensors(tensors, path, metadata=None):
     """``safetensors_bytes`` into a file, without holding the encoding in memory: the
     header is sorted in place (the same keys in the same length)."""

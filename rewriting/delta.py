@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from safetensors.torch import load as load_bytes
 
-from rewriting.checkpoint import file_sha256, load_state, safetensors_bytes, save_state
+from rewriting.checkpoint import file_sha256, load_state, safetensors_bytes, safetensors_metadata, save_state
 from rewriting.errors import CheckpointError, IncompatibleError
 
 FORMAT = "palimpsest.delta/1"
@@ -93,7 +93,7 @@ class EditDelta:
     def from_bytes(cls, data):
         try:
             tensors = load_bytes(data)
-            meta = _metadata_of(data)
+            meta = safetensors_metadata(data)
         except Exception as e:  # safetensors raises its own types for corrupt data
             raise CheckpointError(f"not a delta file ({e})") from e
         if meta.get("format") != FORMAT:
@@ -113,12 +113,6 @@ class EditDelta:
     def load(cls, path):
         with open(path, "rb") as f:
             return cls.from_bytes(f.read())
-
-
-def _metadata_of(data):
-    # safetensors layout: 8-byte little-endian header length, then a JSON header.
-    n = int.from_bytes(data[:8], "little")
-    return json.loads(data[8:8 + n]).get("__metadata__", {})
 
 
 def check_fits(delta, weight):

@@ -46,7 +46,6 @@ lower (docs/benchmarks.md).
 The model is never modified: the optimisation runs on a copy of the weight through
 a functional call; apply the result with ``rewriting.delta``.
 """
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -56,7 +55,7 @@ import torch.nn.functional as F
 from safetensors.torch import load as load_bytes
 from torch.func import functional_call
 
-from rewriting.checkpoint import safetensors_bytes
+from rewriting.checkpoint import safetensors_bytes, safetensors_metadata
 from rewriting.delta import EditDelta, coefficients, expand
 from rewriting.directions import regularized
 from rewriting.errors import Cancelled, CheckpointError, EditRequestError, IncompatibleError
@@ -172,8 +171,7 @@ class InsertState:
     def from_bytes(cls, data):
         try:
             tensors = load_bytes(data)
-            n = int.from_bytes(data[:8], "little")
-            meta = json.loads(data[8:8 + n]).get("__metadata__", {})
+            meta = safetensors_metadata(data)
             if meta.get("format") != STATE_FORMAT:
                 raise ValueError(f"format is {meta.get('format')!r}, expected {STATE_FORMAT!r}")
             return cls(method=meta["method"], step=int(meta["step"]), directions=tensors["directions"],
