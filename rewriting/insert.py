@@ -146,7 +146,6 @@ class InsertState:
     never stopped. Tensors are on the CPU once saved (``to_bytes``)."""
 
     method: str
-    step: int  # the next step to run; steps 0..step-1 are done
     directions: torch.Tensor  # [r, C_in], the orthonormal basis optimised along
     param: torch.Tensor  # lam (lambda) or the whole stored weight (projected)
     adam: dict  # Adam's state of ``param`` (step, exp_avg, exp_avg_sq); {} before the first step
@@ -154,7 +153,12 @@ class InsertState:
     kept_lam: torch.Tensor | None
     best: float  # plateau bookkeeping
     best_step: int
-    losses: list
+    losses: list  # one a step done
+
+    @property
+    def step(self):
+        """The next step to run: steps 0..step-1 are done."""
+        return len(self.losses)
 
     def to_bytes(self):
         tensors = {"directions": self.directions, "param": self.param,
@@ -163,8 +167,8 @@ class InsertState:
         if self.kept_lam is not None:
             tensors["kept_lam"] = self.kept_lam
         tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
-        metadata = {"format": STATE_FORMAT, "method": self.method, "step": str(self.step), "kept": repr(self.kept),
-                    "best": repr(self.best), "best_step": str(self.best_step)}
+        metadata = {"format": STATE_FORMAT, "method": self.method, "kept": repr(self.kept), "best": repr(self.best),
+                    "best_step": str(self.best_step)}
         return safetensors_bytes(tensors, metadata=metadata)
 
     @classmethod
@@ -174,8 +178,7 @@ class InsertState:
             meta = safetensors_metadata(data)
             if meta.get("format") != STATE_FORMAT:
                 raise ValueError(f"format is {meta.get('format')!r}, expected {STATE_FORMAT!r}")
-            return cls(method=meta["method"], step=int(meta["step"]), directions=tensors["directions"],
-                       param=tensors["param"],
+            return cls(method=meta["method"], directions=tensors["directions"], param=tensors["param"],
                        adam={name[5:]: t for name, t in tensors.items() if name.startswith("adam.")},
                        kept=float(meta["kept"]), kept_lam=tensors.get("kept_lam"), best=float(meta["best"]),
                        best_step=int(meta["best_step"]), losses=tensors["losses"].tolist())
@@ -193,7 +196,7 @@ class InsertState:
                                     f"{tuple(self.directions.shape)} do not fit {tuple(param_shape)}, {tuple(q.shape)}")
         if not torch.allclose(self.directions.to(q), q, atol=1e-4):
             raise IncompatibleError("the insert state was optimised along other directions")
-        if not 0 <= self.step <= config.steps or len(self.losses) != self.step:
+        if self.step > config.steps:
             raise IncompatibleError(f"the insert state stopped at step {self.step} of {config.steps}")
 
 
@@ -285,7 +288,7 @@ def _optimize(config, t, w0, q, loss_at, progress, should_stop, resume=None):
         weight_of = lambda: w0 + expand(param, q, t.in_dim)  # noqa: E731
         lam_of = lambda: param.detach().clone()  # noqa: E731
     opt = torch.optim.Adam([param], lr=lr)
-    losses, stopped, first = [], False, 0
+    losses, stopped = [], False
     kept, kept_lam = math.inf, None  # lowest loss on W0 + span(D) so far, and its lam
     best, best_step = math.inf, 0  # plateau bookkeeping (improvements beyond the tolerance)
     if resume is not None:
@@ -294,18 +297,18 @@ def _optimize(config, t, w0, q, loss_at, progress, should_stop, resume=None):
         if resume.adam:
             opt.state[param] = {name: value.to(param.device) if name != "step" else value.clone()
                                 for name, value in resume.adam.items()}
-        first, losses = resume.step, list(resume.losses)
+        losses = list(resume.losses)
         kept, best, best_step = resume.kept, resume.best, resume.best_step
         kept_lam = None if resume.kept_lam is None else resume.kept_lam.to(param)
 
-    def state(step):
-        return InsertState(method=config.method, step=step, directions=q, param=param.detach().clone(),
+    def state():
+        return InsertState(method=config.method, directions=q, param=param.detach().clone(),
                            adam={name: value.clone() for name, value in opt.state[param].items()},
                            kept=kept, kept_lam=kept_lam, best=best, best_step=best_step, losses=list(losses))
 
-    for step in range(first, config.steps):
+    for step in range(len(losses), config.steps):
         if should_stop is not None and should_stop():
-            raise Cancelled(f"insert cancelled before step {step}", state=state(step))
+            raise Cancelled(f"insert cancelled before step {step}", state=state())
         with torch.enable_grad():
             loss = loss_at(weight_of())
             (grad,) = torch.autograd.grad(loss, param)

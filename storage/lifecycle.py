@@ -17,7 +17,9 @@ finished job.
 
 A job handed back may name its optimizer's state (``resume_object_key``), for the next
 claim to go on from; every ending drops it (``_drop_resume``): the object is recorded for
-the sweep (``storage.deletion``).
+the sweep (``storage.deletion``). Only a release changes the key, and a release ends the
+lease, so the key a claim read (``Lease.resume_key``) holds until the lease ends: the
+worker's own ending needs no read.
 """
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -54,6 +56,7 @@ class Lease:
     job_id: str
     owner: str
     token: int
+    resume_key: str | None = None  # the job's resume_object_key when it was claimed
 
 
 def lock(session: Session, job_id: str) -> None:
@@ -136,7 +139,7 @@ def claim(session: Session, job_id: str, owner: str, ttl: float, now: datetime |
     else:
         add_event(session, job_id, "transition", status="running", phase="loading",
                   message=f"lease of {job.lease_owner} expired; taken over by {owner}")
-    return Lease(job_id, owner, token)
+    return Lease(job_id, owner, token, job.resume_object_key)
 
 
 def heartbeat(session: Session, lease: Lease, ttl: float, now: datetime | None = None) -> bool:
@@ -175,7 +178,7 @@ def finish(session: Session, lease: Lease, status: str, *, error_code: str | Non
         values["metrics"] = metrics
     if not _compare_and_set(session, lease.job_id, {"status": "running", "fencing_token": lease.token}, values):
         raise LeaseLost(lease.job_id)
-    _drop_resume(session, lease.job_id)
+    _drop_resume(session, lease.job_id, lease.resume_key)
     add_event(session, lease.job_id, "transition", status=status,
               message=f"{error_code}: {error_message}" if error_code else None)
 
@@ -194,14 +197,12 @@ def release(session: Session, lease: Lease, reason: str, resume=None) -> None:
     _check(lease.job_id, "running", "queued")
     values = dict(status="queued", phase=None, progress_step=None, progress_total=None, progress_loss=None,
                   lease_owner=None, lease_expires_at=None, heartbeat_at=None, attempts=Job.attempts - 1)
-    replaced = None
     if resume is not None:
-        replaced = session.scalar(select(Job.resume_object_key).where(Job.id == lease.job_id))
         values.update(resume_object_key=resume.key, resume_sha256=resume.sha256)
     if not _compare_and_set(session, lease.job_id, {"status": "running", "fencing_token": lease.token}, values):
         raise LeaseLost(lease.job_id)
-    if replaced not in (None, getattr(resume, "key", None)):
-        record_deleted(session, [replaced])
+    if resume is not None and lease.resume_key not in (None, resume.key):
+        record_deleted(session, [lease.resume_key])
     add_event(session, lease.job_id, "transition", status="queued", message=f"released by {lease.owner}: {reason}")
 
 
@@ -233,14 +234,16 @@ def _end_abandoned(session: Session, job_id: str, status: str, conditions: list,
                              .values(**values).execution_options(synchronize_session=False))
     if result.rowcount != 1:
         return False
-    _drop_resume(session, job_id)
+    # no lease or row in hand (the hard time limit, the reconciler): read the key; it ends a
+    # job whose worker died, which is rare
+    _drop_resume(session, job_id, session.scalar(select(Job.resume_object_key).where(Job.id == job_id)))
     add_event(session, job_id, "transition", status=status, message=message)
     return True
 
 
-def _drop_resume(session: Session, job_id: str) -> None:
-    """A job that ended needs no optimizer state: record its object for the sweep."""
-    key = session.scalar(select(Job.resume_object_key).where(Job.id == job_id))
+def _drop_resume(session: Session, job_id: str, key: str | None) -> None:
+    """A job that ended needs no optimizer state: record its object (``key``, what the job
+    names) for the sweep."""
     if key is not None:
         record_deleted(session, [key])
         session.execute(update(Job).where(Job.id == job_id).values(resume_object_key=None, resume_sha256=None)
@@ -271,7 +274,7 @@ def fail_unclaimed(session: Session, job: Job, error_code: str, error_message: s
     values = dict(status="failed", finished_at=utcnow(), error_code=error_code, error_message=error_message)
     if not _compare_and_set(session, job.id, {"status": "queued", "fencing_token": job.fencing_token}, values):
         raise IllegalTransition(job.id, "changed", "failed")
-    _drop_resume(session, job.id)
+    _drop_resume(session, job.id, job.resume_object_key)  # the compare-and-set saw this row unchanged
     add_event(session, job.id, "transition", status="failed", message=f"{error_code}: {error_message}")
 
 
@@ -279,7 +282,7 @@ def cancel_queued(session: Session, job: Job) -> None:
     values = dict(status="cancelled", finished_at=utcnow(), cancel_requested=True)
     if not _compare_and_set(session, job.id, {"status": "queued", "fencing_token": job.fencing_token}, values):
         raise IllegalTransition(job.id, "changed", "cancelled")
-    _drop_resume(session, job.id)
+    _drop_resume(session, job.id, job.resume_object_key)
     add_event(session, job.id, "transition", status="cancelled", message="cancelled before it ran")
 
 
