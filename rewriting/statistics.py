@@ -7,6 +7,13 @@ merge by addition: the merge of shards equals the statistic of their union.
 Files are safetensors with string metadata: ``format``, ``model_sha256``,
 ``layer``, ``seeds`` (a spec as read by ``rewriting.seeds.parse_seeds``),
 ``z_dim``, ``count`` and ``channels``.
+
+A computation stopped between batches (``should_stop``) raises ``Cancelled`` with the
+moment of the seeds done so far as its ``state`` (``seeds`` names that prefix, and
+``repeats`` the key repeat factor it was summed with); ``compute_second_moment(...,
+resume=state)`` goes on from the next seed. Resumed on the same device with the same
+batch size, the result is bit for bit the uninterrupted one: the same float32 batch
+products, added to the float64 sums in the same order.
 """
 import json
 import math
@@ -218,7 +225,7 @@ class SecondMoment:
 
 
 def compute_second_moment(model, layer, seeds, batch_size=None, progress=None, should_stop=None,
-                          model_sha256=None, latent_threads=None, graph=None):
+                          model_sha256=None, latent_threads=None, graph=None, resume=None):
     """The second moment of ``layer``'s keys over the latents of ``seeds``.
 
     Each batch runs the model only up to the layer's keys (``Trace(stop="keys")``)
@@ -237,6 +244,13 @@ def compute_second_moment(model, layer, seeds, batch_size=None, progress=None, s
     each full batch after the first two is one replay of a CUDA graph of the forward
     pass, the check and the update, so the host launches one graph a batch instead of
     a few hundred kernels; a model whose pass cannot be captured runs as it is.
+
+    ``resume``: a ``SecondMoment`` of the first seeds of ``seeds`` (a ``Cancelled``'s
+    state, or any statistic of this model and layer over a prefix of them); the
+    computation goes on from the seed after them, and ``progress`` counts from there.
+    One that does not fit raises ``IncompatibleError``. A stop raises ``Cancelled`` with
+    the moment so far as its ``state`` (None when no batch was added, or when the keys'
+    repeats broke, so that the moment has to be counted again).
     """
     seeds = parse_seeds(seeds)
     device = model_device(model)
@@ -253,20 +267,55 @@ def compute_second_moment(model, layer, seeds, batch_size=None, progress=None, s
         meta["model_sha256"] = model_sha256
     run = dict(batch_size=batch_size, latent_threads=latent_threads, graph=graph, meta=meta,
                progress=progress, should_stop=should_stop)
-    stat, repeats_held = _moment_of_batches(model, layer, seeds, collapse=True, **run)
+    start = None if resume is None else _resume_point(resume, seeds, meta)
+    stat, repeats_held = _moment_of_batches(model, layer, seeds, collapse=True, start=start, **run)
     if not repeats_held:
         stat, _ = _moment_of_batches(model, layer, seeds, collapse=False, **run)
     return stat
 
 
+def _resume_point(resume, seeds, meta):
+    """(moment, seeds it covers, repeat factor or None) of ``resume``, checked against the
+    computation it is to continue; raises ``IncompatibleError``."""
+    if not isinstance(resume, SecondMoment):
+        raise IncompatibleError(f"resume must be a SecondMoment, not {type(resume).__name__}")
+    for field in ("layer", "z_dim", "model_sha256"):
+        mine, theirs = meta.get(field), resume.metadata.get(field)
+        if mine is not None and theirs is not None and mine != theirs:
+            raise IncompatibleError(f"cannot resume from a statistic of {field} {theirs}: this one is of {mine}")
+    if "seeds" not in resume.metadata:
+        raise IncompatibleError("cannot resume from a statistic that does not record its seeds")
+    done = parse_seeds(resume.metadata["seeds"])
+    if done != seeds[:len(done)]:
+        raise IncompatibleError(f"cannot resume: the statistic's seeds ({resume.metadata['seeds']}) "
+                                f"are not the first of {format_seeds(seeds)}")
+    repeats = resume.metadata.get("repeats")
+    return resume, len(done), None if repeats is None else int(repeats)
+
+
+def _partial(stat, held, repeats, done_seeds, meta):
+    """The ``Cancelled`` state of a stopped computation: its moment so far, on the CPU, or
+    None (nothing added, or repeats assumed that a batch broke)."""
+    if stat is None or not bool(held):
+        return None
+    out = stat.to("cpu")
+    out.metadata = {**meta, "seeds": format_seeds(done_seeds), "repeats": str(repeats)}
+    return out
+
+
 def _moment_of_batches(model, layer, seeds, batch_size, latent_threads, graph, meta, progress, should_stop,
-                       collapse):
-    """``compute_second_moment``'s loop: (statistic, whether the first batch's repeats held)."""
+                       collapse, start=None):
+    """``compute_second_moment``'s loop: (statistic, whether the first batch's repeats held).
+    ``start``: (moment, seeds it covers, its repeat factor or None) to go on from."""
     device, dtype = model_device(model), model_dtype(model)
-    batches = latent_batches(seeds, model.z_dim, batch_size, latent_threads)
     held = torch.ones((), dtype=torch.bool, device=device)
     stat = repeats = replay = None
     done = 0
+    if start is not None:
+        begun, done, repeats = start
+        stat = begun.to(device)
+        stat.metadata = dict(meta)
+    batches = latent_batches(seeds[done:], model.z_dim, batch_size, latent_threads)
 
     def upload(z):
         # On CUDA, pinned memory lets the copy run without waiting for queued GPU work,
@@ -294,11 +343,12 @@ def _moment_of_batches(model, layer, seeds, batch_size, latent_threads, graph, m
 
         for i, z in enumerate(batches):
             if should_stop is not None and should_stop():
-                raise Cancelled("statistics cancelled")
+                raise Cancelled("statistics cancelled", state=_partial(stat, held, repeats, seeds[:done], meta))
             z = upload(z)
-            if stat is None:
+            if repeats is None:  # the first batch (of a fresh computation, or of a resume that did not say)
                 keys = keys_of(z)
-                stat = SecondMoment(keys.shape[1] if keys.dim() == 4 else keys.shape[-1], device, meta)
+                if stat is None:
+                    stat = SecondMoment(keys.shape[1] if keys.dim() == 4 else keys.shape[-1], device, meta)
                 repeats = collapse_repeats(keys)[1] if collapse and keys.dim() == 4 else 1  # one host wait
                 stat.count += stat.accumulate(keys, repeats)
             elif replay is not None and len(z) == batch_size:

@@ -200,7 +200,8 @@ def expire(session_factory, retention_seconds: float, now: datetime | None = Non
 def _named_keys(session: Session, keys: list[str]) -> set[str]:
     """Those of ``keys`` that some row names."""
     columns = (Model.object_key, Model.segmenter_object_key, Artifact.object_key, Job.resume_object_key,
-               Statistic.object_key, StatisticShard.object_key, Batch.input_object_key, Batch.output_object_key,
+               Statistic.object_key, Statistic.resume_object_key, StatisticShard.object_key,
+               StatisticShard.resume_object_key, Batch.input_object_key, Batch.output_object_key,
                BatchMerge.delta_object_key, BatchMerge.checkpoint_object_key, BatchMerge.report_object_key)
     return set(session.scalars(union_all(*(select(column).where(column.in_(keys)) for column in columns))))
 
@@ -235,7 +236,9 @@ def sweep(session_factory, store, grace_seconds: float, now: datetime | None = N
         if orphans:
             keys = session.scalars(union_all(
                 select(Statistic.object_key).where(Statistic.id.in_(orphans)),
-                select(StatisticShard.object_key).where(StatisticShard.statistic_id.in_(orphans))))
+                select(Statistic.resume_object_key).where(Statistic.id.in_(orphans)),
+                select(StatisticShard.object_key).where(StatisticShard.statistic_id.in_(orphans)),
+                select(StatisticShard.resume_object_key).where(StatisticShard.statistic_id.in_(orphans))))
             record_deleted(session, keys, now)
             session.execute(delete(Statistic).where(Statistic.id.in_(orphans)))  # shards go by cascade
     deleted = kept = 0

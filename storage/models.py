@@ -192,6 +192,9 @@ class Statistic(Base):
     fencing_token: Mapped[int] = mapped_column(default=0, server_default=text("0"))
     # NULL: computed in one piece; else split into this many StatisticShard rows (workers.statistics)
     shard_count: Mapped[int | None]
+    # a computation stopped part-way (handed back, cancelled): its moment so far, for the next claim
+    resume_object_key: Mapped[str | None] = mapped_column(String(1024))
+    resume_sha256: Mapped[str | None] = mapped_column(String(64))
     # compute_statistic deliveries (workers.deliveries), as on models
     deliveries: Mapped[int] = mapped_column(default=0, server_default=text("0"))
     delivered_at: Mapped[datetime | None]
@@ -222,6 +225,8 @@ class StatisticShard(Base):
     object_key: Mapped[str | None] = mapped_column(String(1024))
     error: Mapped[str | None] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(default=0, server_default=text("0"))
+    resume_object_key: Mapped[str | None] = mapped_column(String(1024))  # as on the statistic
+    resume_sha256: Mapped[str | None] = mapped_column(String(64))
     lease_owner: Mapped[str | None] = mapped_column(String(200))
     lease_expires_at: Mapped[datetime | None]
     fencing_token: Mapped[int] = mapped_column(default=0, server_default=text("0"))
@@ -338,6 +343,8 @@ class Job(Base):
     resume_sha256: Mapped[str | None] = mapped_column(String(64))
 
     attempts: Mapped[int] = mapped_column(default=0, server_default=text("0"))
+    resume_object_key: Mapped[str | None] = mapped_column(String(1024))  # as on the statistic
+    resume_sha256: Mapped[str | None] = mapped_column(String(64))
     lease_owner: Mapped[str | None] = mapped_column(String(200))
     lease_expires_at: Mapped[datetime | None]
     heartbeat_at: Mapped[datetime | None]

@@ -29,6 +29,12 @@ order: the merge equals the one-piece computation up to float64 rounding, becaus
 shard size is rounded up to whole batches, so every float32 batch product is the same
 one either way (``rewriting.statistics.SecondMoment``).
 
+A computation stopped part-way (its job cancelled, its worker handing back) saves the
+moment of the seeds done so far at ``shared/statistic_resume/<sha256>/...`` and names it on
+its row (``resume_object_key``); the next claim goes on from the seed after them, and the
+row's completion drops it (``storage.deletion`` sweeps the object). A worker that dies
+leaves nothing to go on from: its piece is counted again from its first seed.
+
 Sample specs (``seeds:<start>-<stop>``, half-open; ``sample_spec(samples)`` starts at
 seed 100000) and the row's insert-if-absent live in ``storage.statistics``, shared with
 the API. Statistics files live at
@@ -50,8 +56,9 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
 from storage.db import session_scope
+from storage.deletion import record_deleted
 from storage.models import Artifact, Model, Statistic, StatisticShard, utcnow
-from storage.objects import ObjectNotFound
+from storage.objects import ObjectNotFound, StorageUnavailable
 from storage.statistics import insert_statistic, parse_sample_spec
 from workers import deliveries
 from workers.retry import retry_transaction
@@ -120,29 +127,52 @@ def renew_statistic(session: Session, row_id: str, token: int, ttl: float) -> bo
     return result.rowcount == 1
 
 
-def complete_statistic(session: Session, row_id: str, token: int, stored, count: int) -> bool:
-    """Mark the statistic (or shard) ready at ``stored`` (a StoredObject); False when the lease was lost."""
+def resume_of(session: Session, row_id: str, token: int) -> tuple[str, str] | None:
+    """(object key, sha256) of the partial moment the statistic (or shard) names, read under
+    the lease (``token``): only its holder changes it, so it holds until the lease ends."""
     table, held = _held(row_id, token)
+    row = session.execute(select(table.resume_object_key, table.resume_sha256).where(*held)).first()
+    return tuple(row) if row is not None and row[0] is not None else None
+
+
+def _replace_resume(session: Session, row_id: str, token: int, new_key: str | None) -> None:
+    """Record for the sweep the partial moment the row names, when ``new_key`` replaces it."""
+    old = resume_of(session, row_id, token)
+    if old is not None and old[0] != new_key:
+        record_deleted(session, [old[0]])
+
+
+def complete_statistic(session: Session, row_id: str, token: int, stored, count: int) -> bool:
+    """Mark the statistic (or shard) ready at ``stored`` (a StoredObject), its partial moment
+    dropped; False when the lease was lost."""
+    table, held = _held(row_id, token)
+    _replace_resume(session, row_id, token, None)
     result = session.execute(update(table).where(*held).values(
         status="ready", object_key=stored.key, sha256=stored.sha256, size=stored.size, count=count,
-        lease_owner=None, lease_expires_at=None, error=None, updated_at=utcnow())
+        resume_object_key=None, resume_sha256=None, lease_owner=None, lease_expires_at=None, error=None,
+        updated_at=utcnow())
         .execution_options(synchronize_session=False))
     return result.rowcount == 1
 
 
 def release_statistic(session: Session, row_id: str, token: int, error: str | None = None,
-                      handed_back: bool = False) -> None:
+                      handed_back: bool = False, resume=None) -> bool:
     """Give the lease up: back to ``pending`` (cancelled), or ``failed`` with ``error``; the next
     worker that needs it tries again. A shard's statistic follows when no other worker
     holds one of its shards: ``failed`` (with the shard's reason) or ``pending``.
     ``handed_back``: the worker is stopping, so a shard's claim is given back (``attempts``):
-    an orderly stop is not a worker death."""
+    an orderly stop is not a worker death. ``resume``: the stored object (``key``,
+    ``sha256``) of the moment so far, for the next claim to go on from; without it, a
+    partial moment the row names is kept. False when the lease was lost."""
     table, held = _held(row_id, token)
     now = utcnow()
     values = dict(status="failed" if error else "pending", error=error, lease_owner=None, lease_expires_at=None,
                   updated_at=now)
     if handed_back and table is StatisticShard:
         values["attempts"] = StatisticShard.attempts - 1
+    if resume is not None:
+        _replace_resume(session, row_id, token, resume.key)
+        values.update(resume_object_key=resume.key, resume_sha256=resume.sha256)
     result = session.execute(update(table).where(*held).values(**values).execution_options(synchronize_session=False))
     if table is StatisticShard and result.rowcount == 1:
         statistic_id = session.scalar(select(StatisticShard.statistic_id).where(StatisticShard.id == row_id))
@@ -155,6 +185,7 @@ def release_statistic(session: Session, row_id: str, token: int, error: str | No
                             .values(status="failed" if error else "pending",
                                     error=f"shard {row_id}: {error}" if error else None, updated_at=now)
                             .execution_options(synchronize_session=False))
+    return result.rowcount == 1
 
 
 # --- shards ---------------------------------------------------------------------------------
@@ -289,10 +320,45 @@ def _upload_moment(session_factory, store, cache: Path, moment, kind: str, metad
 
 
 def _release(session_factory, row_id: str, token: int, retry_s: float, error: str | None = None,
-             handed_back: bool = False) -> None:
-    retry_transaction(session_factory, lambda session: release_statistic(session, row_id, token, error=error,
-                                                                         handed_back=handed_back),
-                      budget_s=retry_s, what=f"{row_id}: release")
+             handed_back: bool = False, resume=None) -> None:
+    released = retry_transaction(session_factory, lambda session: release_statistic(
+        session, row_id, token, error=error, handed_back=handed_back, resume=resume),
+        budget_s=retry_s, what=f"{row_id}: release")
+    if not released and resume is not None:  # no row will name it: for the sweep
+        retry_transaction(session_factory, lambda session: record_deleted(session, [resume.key]),
+                          budget_s=retry_s, what=f"{row_id}: drop resume")
+
+
+RESUME_KIND = "statistic_resume"  # shared/statistic_resume/<sha256>/second_moment.safetensors
+
+
+def _save_partial(session_factory, store, cache: Path, row_id: str, partial, spec: str, retry_s: float):
+    """Upload a stopped computation's moment so far (one try: a stopping worker's kill is
+    near); its StoredObject, or None, and the next claim counts from the first seed."""
+    try:
+        return _upload_moment(session_factory, store, cache, partial, RESUME_KIND, {"sample_spec": spec}, retry_s)
+    except Exception:
+        log.warning("%s: its moment so far was not saved; the next claim counts from the first seed", row_id,
+                    exc_info=True)
+        return None
+
+
+def _load_partial(session_factory, store, cache: Path, row_id: str, token: int, retry_s: float):
+    """The moment so far that the row names (read under the lease), or None: none, or
+    unreadable (then the computation counts from the first seed)."""
+    from rewriting.errors import CheckpointError
+    from rewriting.statistics import SecondMoment
+    from workers.artifacts import ChecksumMismatch, fetch
+
+    named = retry_transaction(session_factory, lambda session: resume_of(session, row_id, token),
+                              budget_s=retry_s, what=f"{row_id}: read resume")
+    if named is None:
+        return None
+    try:
+        return SecondMoment.load(fetch(store, named[0], cache, named[1]))
+    except (ObjectNotFound, ChecksumMismatch, CheckpointError, StorageUnavailable):
+        log.warning("%s: its saved moment cannot be read; counting from the first seed", row_id, exc_info=True)
+        return None
 
 
 def _complete(session_factory, row_id: str, token: int, stored, count: int, retry_s: float) -> bool:
@@ -313,21 +379,41 @@ def _compute_piece(session_factory, store, cache: Path, model, row_id: str, toke
     it and mark the row ready (images per batch: the engine's default for the model's device).
     Returns the moment, or None when the lease was lost (someone
     else finishes it). A cancel releases the row (pending), an error fails it; both raise.
+    A cancel (a cancelled job, a worker handing back) first saves the moment so far and
+    names it on the row, and the next claim goes on from the seed after it.
     Its database transactions are retried for ``retry_s`` while the database is away."""
-    from rewriting.errors import Cancelled
+    from rewriting.errors import Cancelled, IncompatibleError
+    from rewriting.seeds import parse_seeds
     from rewriting.statistics import compute_second_moment
 
     spec = f"seeds:{seeds.start}-{seeds.stop}"
     heartbeat.hold_statistic(row_id, token)
-    try:
-        moment = compute_second_moment(
+
+    def compute(resume):
+        return compute_second_moment(
             model, layer, f"{seeds.start}-{seeds.stop - 1}", progress=progress,
-            should_stop=lambda: heartbeat.should_stop() or heartbeat.statistic_lost, model_sha256=model_sha256)
+            should_stop=lambda: heartbeat.should_stop() or heartbeat.statistic_lost, model_sha256=model_sha256,
+            resume=resume)
+
+    try:
+        resume = _load_partial(session_factory, store, cache, row_id, token, retry_s)
+        if resume is not None:
+            log.info("%s: going on from image %d of %d", row_id, len(parse_seeds(resume.metadata.get("seeds", ""))),
+                     len(seeds))
+        try:
+            moment = compute(resume)
+        except IncompatibleError:
+            if resume is None:
+                raise
+            log.warning("%s: its saved moment does not fit; counting from the first seed", row_id, exc_info=True)
+            moment = compute(None)
         stored = _upload_moment(session_factory, store, cache, moment, kind, {"sample_spec": spec}, retry_s)
-    except Cancelled:
+    except Cancelled as e:
         if heartbeat.statistic_lost and not heartbeat.should_stop():
             return None  # our lease expired and another worker took over
-        _release(session_factory, row_id, token, retry_s, handed_back=heartbeat.handing_back)
+        partial = None if e.state is None else _save_partial(session_factory, store, cache, row_id, e.state, spec,
+                                                             retry_s)
+        _release(session_factory, row_id, token, retry_s, handed_back=heartbeat.handing_back, resume=partial)
         raise
     except BaseException as e:
         _release(session_factory, row_id, token, retry_s, error=f"{type(e).__name__}: {e}")

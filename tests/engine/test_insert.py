@@ -214,7 +214,10 @@ def stopped_at(step, model, x, target, d, config):
 @pytest.mark.parametrize("method, patience", [("lambda", 0), ("lambda", 30), ("projected", 0), ("projected", 30)])
 def test_a_resumed_insert_ends_as_one_never_stopped_bit_for_bit(method, patience):
     model, x, target, d = conv_problem("equalized")
-    config = InsertConfig(method=method, steps=300, plateau_patience=patience, plateau_tolerance=0.01,
+    # with patience the plateau stop fires far from both the resume points and the step limit
+    # (about step 280 for lambda, 210 for projected): CPUs round differently, and at 300 steps
+    # and a 1% tolerance lambda's stop fell on one side of the limit on one machine, the other on another
+    config = InsertConfig(method=method, steps=400, plateau_patience=patience, plateau_tolerance=0.02,
                           projection_interval=7)
     whole = insert(model, "conv", (x,), target, d, config)
     # stopped twice: before a projection step, and (projected) mid-interval

@@ -272,3 +272,84 @@ def test_a_pass_that_cannot_be_captured_runs_eagerly():
     eager = compute_second_moment(model, "layer2", "0-63", batch_size=16, graph=False)
     assert len(waits) >= 4 and stat.count == eager.count
     assert ((stat.moment - eager.moment).abs().max() / eager.moment.abs().max()).item() < 1e-6
+
+
+def stop_after(batches):
+    """A ``should_stop`` that asks to stop once ``batches`` batches were added."""
+    polls = []
+    return lambda: polls.append(None) or len(polls) > batches
+
+
+@pytest.mark.parametrize("layer", ["layer1", "layer2"])  # layer2's keys repeat over 2x2 blocks
+def test_a_stopped_statistic_resumed_equals_the_uninterrupted_one_bit_for_bit(layer, tmp_path):
+    model = build("equalized")
+    whole = compute_second_moment(model, layer, "0-40", batch_size=8, model_sha256="ab" * 32)
+    with pytest.raises(Cancelled) as stopped:
+        compute_second_moment(model, layer, "0-40", batch_size=8, model_sha256="ab" * 32, should_stop=stop_after(3))
+    partial = stopped.value.state
+    assert partial.count == whole.count * 24 // 41 and partial.metadata["seeds"] == "0-23"
+    assert partial.metadata["repeats"] == ("4" if layer == "layer2" else "1")
+    partial.save(tmp_path / "partial.safetensors")  # as a worker stores it between claims
+    seen = []
+    resumed = compute_second_moment(model, layer, "0-40", batch_size=8, model_sha256="ab" * 32,
+                                    resume=SecondMoment.load(tmp_path / "partial.safetensors"),
+                                    progress=lambda d, n: seen.append(d))
+    assert seen == [32, 40, 41]  # counted from where it stopped
+    assert resumed.count == whole.count
+    assert torch.equal(resumed.moment, whole.moment) and torch.equal(resumed.sum, whole.sum)
+    assert resumed.metadata == whole.metadata  # no trace of the resume in the result
+
+
+def test_a_resume_stopped_again_before_its_first_batch_hands_back_what_it_was_given():
+    model = build("equalized")
+    with pytest.raises(Cancelled) as first:
+        compute_second_moment(model, "layer2", "0-40", batch_size=8, should_stop=stop_after(2))
+    with pytest.raises(Cancelled) as second:
+        compute_second_moment(model, "layer2", "0-40", batch_size=8, resume=first.value.state,
+                              should_stop=lambda: True)
+    assert second.value.state.metadata["seeds"] == "0-15"
+    assert torch.equal(second.value.state.moment, first.value.state.moment)
+    with pytest.raises(Cancelled) as nothing:
+        compute_second_moment(model, "layer2", "0-40", batch_size=8, should_stop=lambda: True)
+    assert nothing.value.state is None
+
+
+def test_a_statistic_over_a_prefix_extends_to_more_seeds():
+    # a finished statistic records no repeat factor: the first batch after it looks again
+    model = build("equalized")
+    few = compute_second_moment(model, "layer2", "0-15", batch_size=8)
+    more = compute_second_moment(model, "layer2", "0-40", batch_size=8, resume=few)
+    whole = compute_second_moment(model, "layer2", "0-40", batch_size=8)
+    assert more.count == whole.count and torch.equal(more.moment, whole.moment)
+
+
+def test_repeats_broken_after_a_resume_are_counted_again_in_full():
+    model = RepeatsAtFirst()
+    with pytest.raises(Cancelled) as stopped:
+        compute_second_moment(model, "layer", "0-23", batch_size=8, should_stop=stop_after(1))
+    assert stopped.value.state.metadata["repeats"] == "4"  # the first batch repeated
+    stat = compute_second_moment(model, "layer", "0-23", batch_size=8, resume=stopped.value.state)
+    model.passes = 1
+    exact, count = plain_moment(model, list(range(24)), 8)
+    assert stat.count == count and torch.allclose(stat.moment, exact, rtol=1e-5, atol=1e-5)
+
+
+def test_a_stop_after_the_repeats_broke_hands_back_nothing():
+    model = RepeatsAtFirst()
+    with pytest.raises(Cancelled) as stopped:  # batch 2 broke the first batch's repeats
+        compute_second_moment(model, "layer", "0-23", batch_size=8, should_stop=stop_after(2))
+    assert stopped.value.state is None
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(layer="layer1"), "layer layer1"),
+    (dict(model_sha256="cd" * 32), "model_sha256"),
+    (dict(seeds="8-15"), "not the first"),
+    (dict(seeds="0-7,9"), "not the first"),
+])
+def test_a_resume_that_does_not_fit_is_refused(change, message):
+    model = build("equalized")
+    partial = compute_second_moment(model, "layer2", "0-15", batch_size=8, model_sha256="ab" * 32)
+    partial.metadata.update(change)
+    with pytest.raises(IncompatibleError, match=message):
+        compute_second_moment(model, "layer2", "0-40", batch_size=8, model_sha256="ab" * 32, resume=partial)

@@ -8,11 +8,13 @@ for ``PALIMPSEST_WORKER_SHUTDOWN_GRACE_SECONDS``, then stops between optimizer s
 releases its lease (``queued`` again) and sends its task again: the other worker takes it
 at once, and the stopping worker exits within the grace plus a few seconds. A job that
 ends within the grace simply ends where it runs. A statistic's shard is handed back the
-same way: released, its claim given back, its task sent again.
+same way: released with its moment so far, its claim given back, its task sent again, and
+the worker that takes it goes on from the batch the stopping one had reached.
 
 Real processes: PostgreSQL, its own Redis, `palimpsest serve`, two `palimpsest worker`
 processes; no beat, so nothing here can come from the reconciler.
 """
+import re
 import signal
 import time
 from types import SimpleNamespace
@@ -162,8 +164,13 @@ def test_a_stopping_worker_hands_its_statistic_shard_to_the_other_worker(service
     # the handed-back claim was given back: one claim counted, by the worker that finished it
     assert shards[shard.id].attempts == 1
     assert all(s.status == "ready" for s in shards.values())
+    # and the other worker went on from the batch the stopping one had reached
+    resumed = re.search(rf"{shard.id}: going on from image (\d+) of {SHARD_SAMPLES}", service.workers[0].log())
+    assert resumed and 0 < int(resumed.group(1)) < SHARD_SAMPLES, service.workers[0].log()[-3000:]
+    assert shards[shard.id].resume_object_key is None
     figures.update(grace_s=GRACE_S, sigterm_to_exit_s=round(exit_s, 2),
-                   sigterm_to_ready_s=seconds(sent_at, stat.updated_at))
+                   sigterm_to_ready_s=seconds(sent_at, stat.updated_at), resumed_from_image=int(resumed.group(1)),
+                   shard_images=SHARD_SAMPLES)
 
 
 def test_an_idle_worker_stops_at_once_on_a_group_sigterm(service, figures):

@@ -207,6 +207,37 @@ def test_only_statistics_of_hashes_no_row_holds_are_swept(session_factory, tmp_p
     assert recorded(session_factory, f"shared/statistics/{by_preview}/m")
 
 
+def test_partial_moments_are_kept_while_named_and_go_with_their_statistic(session_factory, tmp_path):
+    from storage.models import Statistic, StatisticShard
+
+    store = open_store(f"file://{tmp_path}/objects")
+    day_ago = utcnow() - timedelta(days=1)
+    keys = {name: f"shared/statistic_resume/{secrets.token_hex(32)}/second_moment.safetensors"
+            for name in ("pending", "shard", "failed", "failed_shard")}
+    for key in keys.values():
+        store.put(key, io.BytesIO(b"moment"))
+    with session_scope(session_factory) as session:
+        # the model holds the pending statistic's hash
+        tenant, model = tenant_and_model(session, "partials", sha256=secrets.token_hex(32))
+        pending = Statistic(model_sha256=model.sha256, layer="l", sample_spec="s", status="pending",
+                            resume_object_key=keys["pending"], shard_count=1)
+        orphan = Statistic(model_sha256=secrets.token_hex(32), layer="l", sample_spec="s", status="failed",
+                           updated_at=day_ago, resume_object_key=keys["failed"], shard_count=1)
+        session.add_all([pending, orphan])
+        session.flush()
+        session.add_all([StatisticShard(statistic_id=stat.id, number=0, seed_start=0, seed_stop=64, status="pending",
+                                        resume_object_key=key)
+                         for stat, key in ((pending, keys["shard"]), (orphan, keys["failed_shard"]))])
+    for key in (keys["pending"], keys["shard"]):
+        record(session_factory, key, age_s=120)  # another row that named the same bytes ended
+    deletion.sweep(session_factory, store, grace_seconds=60)
+    assert exists(store, keys["pending"]) and exists(store, keys["shard"])
+    # the orphaned statistic's partial moments are recorded with it, and go a grace later
+    assert recorded(session_factory, keys["failed"]) and recorded(session_factory, keys["failed_shard"])
+    deletion.sweep(session_factory, store, grace_seconds=60, now=utcnow() + timedelta(seconds=120))
+    assert not exists(store, keys["failed"]) and not exists(store, keys["failed_shard"])
+
+
 def test_jobs_and_batches_expire_leaves_first_and_wait_for_younger_dependents(session_factory):
     from datetime import datetime, timezone
 

@@ -300,6 +300,8 @@ def test_cancelled_shard_goes_back_to_pending(sharded, tiny_model):  # noqa: F81
     assert stat.shard_count == 2 and stat.status == "pending"
     assert shards[-1].status == "pending" and all(s.status in ("pending", "ready") for s in shards)
     assert all(s.lease_owner is None for s in shards)
+    # the shard it was computing keeps its moment so far, for the next claim
+    assert [s.status for s in shards if s.resume_object_key is not None] == ["pending"]
 
 
 # --- jobs on a sharded statistic ------------------------------------------------------------

@@ -239,3 +239,55 @@ def test_compute_statistic_of_an_unknown_layer_fails_and_records_why(world, tiny
 
 def test_process_statistic_of_a_missing_row_does_nothing(world):
     assert process_statistic(world.session_factory, world.store, world.settings, "sts_missing") is None
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+def test_a_handed_back_statistic_goes_on_from_its_last_batch(database_url, tmp_path, tiny_model, world, shards):
+    from storage.models import DeletedObject, StatisticShard
+    from workers.heartbeat import ShutdownNotice
+    from workers.statistics import HANDED_BACK
+
+    samples = 64 * 3000  # a few seconds of batches on the tiny model
+    # a short lease: the heartbeat polls the shutdown notice every 2/3 s
+    world = make_world(database_url, world.store, tmp_path, job_lease_seconds=2, worker_shutdown_grace_seconds=0,
+                       shard_samples=samples // shards)
+    sha = model_sha(world, tiny_model.model_id)
+    spec = sample_spec(samples)
+    with session_scope(world.session_factory) as session:
+        stat_id = insert_statistic(session, sha, STAT_LAYER, spec).id
+    notice, result = ShutdownNotice(), {}
+    thread = threading.Thread(target=lambda: result.update(status=process_statistic(
+        world.session_factory, world.store, world.settings, stat_id, shutdown=notice)))
+    thread.start()
+    wait_for(lambda: statistic_row(world, sha).status == "computing")
+    notice.announce()  # the worker is stopping: hand back at the next poll
+    thread.join(timeout=60)
+    assert result == {"status": HANDED_BACK}
+    with session_scope(world.session_factory) as session:  # the piece it computed: the statistic, or shard 0
+        table, mine = (Statistic, Statistic.id) if shards == 1 else (StatisticShard, StatisticShard.statistic_id)
+        stopped = session.scalars(select(table).where(mine == stat_id, table.resume_object_key.is_not(None))).one()
+    assert (stopped.status, stopped.lease_owner, stopped.object_key) == ("pending", None, None)
+    with world.store.open(stopped.resume_object_key) as f, open(world.tmp_path / "partial.safetensors", "wb") as out:
+        out.write(f.read())
+    partial = SecondMoment.load(world.tmp_path / "partial.safetensors")
+    seeds = parse_sample_spec(spec)
+    first, last = (int(s) for s in partial.metadata["seeds"].split("-"))
+    assert first == seeds.start and seeds.start < last + 1 < seeds.start + samples // shards  # part-way
+    assert (last + 1 - first) % 64 == 0  # between batches
+
+    # the next delivery goes on from there, and ends where an uninterrupted computation does
+    assert process_statistic(world.session_factory, world.store, world.settings, stat_id) == "ready"
+    stat = statistic_row(world, sha)
+    with session_scope(world.session_factory) as session:
+        assert session.get(table, stopped.id).resume_object_key is None
+        assert session.get(DeletedObject, stopped.resume_object_key) is not None  # for the sweep
+    with world.store.open(stat.object_key) as f, open(world.tmp_path / "got.safetensors", "wb") as out:
+        out.write(f.read())
+    got = SecondMoment.load(world.tmp_path / "got.safetensors")
+    want = compute_second_moment(load_model(tiny_model.path), STAT_LAYER, f"{seeds.start}-{seeds.stop - 1}",
+                                 model_sha256=sha)
+    assert got.count == want.count
+    if shards == 1:  # the same batches added in the same order
+        assert torch.equal(got.moment, want.moment) and torch.equal(got.sum, want.sum)
+    else:  # the shards' sums are added in another order
+        assert torch.allclose(got.moment, want.moment, rtol=1e-12, atol=0)
