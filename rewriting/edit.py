@@ -15,7 +15,7 @@ import torch
 from rewriting.delta import EditDelta
 from rewriting.directions import directions_from_keys, masked_keys
 from rewriting.errors import Cancelled, EditRequestError, IncompatibleError
-from rewriting.insert import InsertConfig, insert
+from rewriting.insert import InsertConfig, InsertState, insert
 from rewriting.layers import Trace, editable_layers, layer_forward, sample_inputs
 from rewriting.requests import FULL_RANK, EditParams, EditRequest, check_layer, check_rank, mask_at, parse_request
 from rewriting.values import (
@@ -61,6 +61,7 @@ class EditResult:
     seconds: float
     targets: EditTargets
     losses: list = field(default_factory=list)
+    state: InsertState | None = None  # where the insert ended (None for closed_form)
 
 
 class _Images:
@@ -259,7 +260,8 @@ def run_edit(model, layer, request, moment, params=None, progress=None, should_s
         progress("done", result.steps, result.loss)
     return EditResult(delta=delta, constraint_loss=result.loss, initial_loss=result.initial_loss,
                       steps=result.steps, stopped_early=result.stopped_early,
-                      seconds=time.perf_counter() - start, targets=targets, losses=result.losses)
+                      seconds=time.perf_counter() - start, targets=targets, losses=result.losses,
+                      state=result.state)
 
 
 def request_sha256(request):

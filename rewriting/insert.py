@@ -35,7 +35,9 @@ Resuming. A stopped optimisation (``should_stop()``) raises ``Cancelled`` carryi
 ``InsertState``: the step it stopped before, the directions, the parameter, Adam's
 moments and the early-stop bookkeeping. ``insert(..., resume=state)`` goes on from that
 step; on the same device the remaining steps are the ones an uninterrupted run takes, bit
-for bit. The workers keep it when a stopping worker hands its job back.
+for bit. A finished insert's ``InsertResult.state`` is where it ended: resumed from, it
+runs no step and returns the same result. The workers keep a state when a stopping worker
+hands its job back, the finished one when the insert was done before the stop.
 
 Both optimisers return the lowest-loss weight on ``W0 + span(D)`` they met (the
 last one, or an earlier one if the loss rose), so the result is never worse than
@@ -129,6 +131,9 @@ class InsertResult:
     stopped_early: bool
     seconds: float
     losses: list = field(default_factory=list)  # loss at each step
+    # where the optimizer ended (None for closed_form): resumed from, it gives this result
+    # again without a step, so a job handed back after its insert does not optimize again
+    state: "InsertState | None" = None
 
     def delta(self, base_sha256, config=None):
         """This result as an ``EditDelta`` for the base checkpoint ``base_sha256``."""
@@ -252,18 +257,18 @@ def insert(model, layer, inputs, target, directions, config=None, kwargs=None,
         if resume is not None:
             raise IncompatibleError("closed_form has no steps to resume")
         lam = closed_form(model, t, [(args, kwargs, target, output_crop)], q, moment)
-        steps, stopped, losses = 0, False, []
+        steps, stopped, losses, state = 0, False, [], None
     else:
         if resume is not None:
             resume.check(config, q, w0.shape if config.method == "projected" else
                          coefficients(w0, q, t.in_dim).shape)
             q = resume.directions.to(q)  # the basis its parameter is expressed in
-        lam, steps, stopped, losses = _optimize(config, t, w0, q, loss_at, progress, should_stop, resume)
+        lam, steps, stopped, losses, state = _optimize(config, t, w0, q, loss_at, progress, should_stop, resume)
     with torch.no_grad():
         final = loss_at(w0 + expand(lam, q, t.in_dim)).item()
     return InsertResult(layer=t.layer, param=t.param, in_dim=t.in_dim, lam=lam.detach(),
                         directions=q, loss=final, initial_loss=initial, steps=steps,
-                        stopped_early=stopped, seconds=time.perf_counter() - start, losses=losses)
+                        stopped_early=stopped, seconds=time.perf_counter() - start, losses=losses, state=state)
 
 
 def step_scale(config, w0):
@@ -288,7 +293,7 @@ def _optimize(config, t, w0, q, loss_at, progress, should_stop, resume=None):
         weight_of = lambda: w0 + expand(param, q, t.in_dim)  # noqa: E731
         lam_of = lambda: param.detach().clone()  # noqa: E731
     opt = torch.optim.Adam([param], lr=lr)
-    losses, stopped = [], False
+    losses = []
     kept, kept_lam = math.inf, None  # lowest loss on W0 + span(D) so far, and its lam
     best, best_step = math.inf, 0  # plateau bookkeeping (improvements beyond the tolerance)
     if resume is not None:
@@ -306,7 +311,11 @@ def _optimize(config, t, w0, q, loss_at, progress, should_stop, resume=None):
                            adam={name: value.clone() for name, value in opt.state[param].items()},
                            kept=kept, kept_lam=kept_lam, best=best, best_step=best_step, losses=list(losses))
 
-    for step in range(len(losses), config.steps):
+    def plateaued(step):
+        return config.plateau_patience > 0 and step - best_step >= config.plateau_patience
+
+    stopped = bool(losses) and plateaued(len(losses) - 1)  # a state saved once the plateau had ended it
+    for step in range(len(losses), 0 if stopped else config.steps):
         if should_stop is not None and should_stop():
             raise Cancelled(f"insert cancelled before step {step}", state=state())
         with torch.enable_grad():
@@ -323,7 +332,7 @@ def _optimize(config, t, w0, q, loss_at, progress, should_stop, resume=None):
                 kept, kept_lam = value, lam_of()
             if value < best * (1 - config.plateau_tolerance):
                 best, best_step = value, step
-        if config.plateau_patience and step - best_step >= config.plateau_patience:
+        if plateaued(step):
             stopped = True
             break
         param.grad = grad
@@ -331,6 +340,7 @@ def _optimize(config, t, w0, q, loss_at, progress, should_stop, resume=None):
         if projected and (step % config.projection_interval == 0 or step == config.steps - 1):
             with torch.no_grad():
                 param.copy_(ortho + expand(coefficients(param, q, t.in_dim), q, t.in_dim))
+    ended = state()
     # The result is the last weight (projected once more) or the best one seen, whichever is lower.
     with torch.no_grad():
         if projected:
@@ -338,7 +348,7 @@ def _optimize(config, t, w0, q, loss_at, progress, should_stop, resume=None):
         lam = lam_of()
         if kept_lam is not None and kept < loss_at(w0 + expand(lam, q, t.in_dim)).item():
             lam = kept_lam
-    return lam, len(losses), stopped, losses
+    return lam, len(losses), stopped, losses, ended
 
 
 LINEAR_IN_WEIGHT = ("linear", "equalized_linear", "conv2d", "equalized_conv2d", "conv_transpose2d")

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rewriting.delta import EditDelta, expand
+from rewriting.delta import EditDelta, coefficients, expand
 from rewriting.directions import DIRECTION_TOLERANCE, moment_matrix
 from rewriting.errors import EditRequestError, IncompatibleError
 from rewriting.insert import InsertConfig, _loss_fn, _optimize, closed_form
@@ -84,15 +84,17 @@ def union_basis(directions, tolerance=DIRECTION_TOLERANCE):
     return vh[s > tolerance * s[0]]
 
 
-def merge_rules(model, layer, rules, config=None, base_sha256="", progress=None, should_stop=None, moment=None):
+def merge_rules(model, layer, rules, config=None, base_sha256="", progress=None, should_stop=None, moment=None,
+                resume=None):
     """Solve ``rules`` (a list of ``Rule`` on ``layer``) jointly; a ``MergeResult``.
 
     ``config`` (InsertConfig): ``method`` ``lambda`` (default) or ``closed_form`` (a target
     linear in its weight, as for one edit), steps, lr and loss as for one edit. ``moment``
     (the layer's ``SecondMoment`` or its matrix): the closed form's metric for the least
     change, as in ``rewriting.insert.insert``; None: the least Euclidean change. The
-    ``lambda`` method does not use it. ``progress(step, loss)`` and ``should_stop()`` as in
-    ``rewriting.insert.insert``.
+    ``lambda`` method does not use it. ``progress(step, loss)``, ``should_stop()`` (its
+    ``Cancelled`` carries an ``InsertState``) and ``resume`` (go on from one: the same rules
+    and settings) as in ``rewriting.insert.insert``.
     """
     config = (config or InsertConfig()).validate()
     if config.method not in ("lambda", "closed_form"):
@@ -131,10 +133,15 @@ def merge_rules(model, layer, rules, config=None, base_sha256="", progress=None,
     with torch.no_grad():
         initial = joint_loss(w0).item()
     if config.method == "closed_form":
+        if resume is not None:
+            raise IncompatibleError("closed_form has no steps to resume")
         lam = closed_form(model, t, cases, q, moment)  # every rule's rows stacked
         steps, stopped = 0, False
     else:
-        lam, steps, stopped, _ = _optimize(config, t, w0, q, joint_loss, progress, should_stop)
+        if resume is not None:
+            resume.check(config, q, coefficients(w0, q, t.in_dim).shape)
+            q = resume.directions.to(q)  # the basis its parameter is expressed in
+        lam, steps, stopped, _, _ = _optimize(config, t, w0, q, joint_loss, progress, should_stop, resume)
     merged = w0 + expand(lam, q, t.in_dim)
     losses = []
     with torch.no_grad():

@@ -126,7 +126,8 @@ def delete_batch(session: Session, batch: Batch) -> None:
         raise InUse(f"jobs of batch {batch.id} are the base of {_ids(outside)}; delete those first")
     merges = session.execute(select(BatchMerge.delta_object_key, BatchMerge.checkpoint_object_key,
                                     BatchMerge.report_object_key).where(BatchMerge.batch_id == batch.id)).all()
-    record_deleted(session, [batch.input_object_key, batch.output_object_key, *(k for row in merges for k in row)])
+    record_deleted(session, [batch.input_object_key, batch.output_object_key, batch.resume_object_key,
+                             *(k for row in merges for k in row)])
     # one statement: a member chained on another member goes with it (the foreign key is
     # checked at the statement's end, on PostgreSQL and SQLite alike)
     _delete_jobs(session, Job.batch_id == batch.id)
@@ -202,6 +203,7 @@ def _named_keys(session: Session, keys: list[str]) -> set[str]:
     columns = (Model.object_key, Model.segmenter_object_key, Artifact.object_key, Job.resume_object_key,
                Statistic.object_key, Statistic.resume_object_key, StatisticShard.object_key,
                StatisticShard.resume_object_key, Batch.input_object_key, Batch.output_object_key,
+               Batch.resume_object_key,
                BatchMerge.delta_object_key, BatchMerge.checkpoint_object_key, BatchMerge.report_object_key)
     return set(session.scalars(union_all(*(select(column).where(column.in_(keys)) for column in columns))))
 

@@ -255,6 +255,9 @@ class Batch(Base):
     cancelled_count: Mapped[int] = mapped_column(default=0, server_default=text("0"))
     input_object_key: Mapped[str | None] = mapped_column(String(1024))
     output_object_key: Mapped[str | None] = mapped_column(String(1024))
+    # a merge handed back part-way: the optimizer state of its first group not merged yet
+    resume_object_key: Mapped[str | None] = mapped_column(String(1024))
+    resume_sha256: Mapped[str | None] = mapped_column(String(64))
     error_code: Mapped[str | None] = mapped_column(String(100))
     error_message: Mapped[str | None] = mapped_column(Text)
     # merge_batch deliveries (workers.deliveries), as on models; sweep does not re-send a

@@ -52,6 +52,15 @@ def counted(session_factory, table, row_id: str, retry_s: float):
             log.warning("%s: could not record the end of its delivery", row_id, exc_info=True)
 
 
+def give_back(session_factory, table, row_id: str, retry_s: float) -> None:
+    """Undo the count of a delivery that handed its work back (the worker was stopping): an
+    orderly stop is not a worker death."""
+    retry_transaction(session_factory, lambda session: session.execute(
+        update(table).where(table.id == row_id, table.deliveries > 0)
+        .values(deliveries=table.deliveries - 1).execution_options(synchronize_session=False)),
+        budget_s=retry_s, what=f"{row_id}: give back")
+
+
 def given_up(number: int | None, max_deliveries: int) -> bool:
     """Whether delivery ``number`` must give its row up instead of working."""
     return number is not None and number > max_deliveries

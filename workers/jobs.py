@@ -235,7 +235,12 @@ def _hand_back(session_factory, store, settings, lease, grace, state=None) -> st
     next claim to go on from (``load_resume``); a state that cannot be saved is dropped,
     and the job then optimizes from where it last stood (or from the start)."""
     reason = f"its worker was stopping (still running {grace} s after the shutdown began); queued again"
-    stored = _save_resume(session_factory, store, settings, lease, state) if state is not None else None
+    stored = None
+    if state is not None:
+        tenant = retry_transaction(session_factory, lambda session: session.scalar(
+            select(Job.tenant_id).where(Job.id == lease.job_id)), budget_s=settings.db_retry_seconds,
+            what=f"job {lease.job_id}: read")
+        stored = save_resume(session_factory, store, settings, tenant, state, f"job {lease.job_id}")
     if stored is not None:
         reason += f", to go on from optimizer step {state.step}"
     try:
@@ -253,29 +258,27 @@ def _hand_back(session_factory, store, settings, lease, grace, state=None) -> st
 RESUME_NAME = "insert_state.safetensors"
 
 
-def _save_resume(session_factory, store, settings, lease, state):
-    """Upload ``state`` (one try: the orchestrator's kill is near); its StoredObject, or None."""
+def save_resume(session_factory, store, settings, tenant_id: str, state, what: str):
+    """Upload an optimizer's ``InsertState`` to ``tenant_id``'s space (one try: the
+    orchestrator's kill is near); its StoredObject, or None (``what``'s next run starts its
+    optimization over)."""
     try:
-        tenant = retry_transaction(session_factory, lambda session: session.scalar(
-            select(Job.tenant_id).where(Job.id == lease.job_id)), budget_s=settings.db_retry_seconds,
-            what=f"job {lease.job_id}: read")
-        return put_bytes(session_factory, store, state.to_bytes(), tenant, "resume", RESUME_NAME,
+        return put_bytes(session_factory, store, state.to_bytes(), tenant_id, "resume", RESUME_NAME,
                          "application/octet-stream", db_retry_s=settings.db_retry_seconds)
     except Exception:
-        log.warning("job %s: its optimizer state was not saved; the next worker starts the insert over",
-                    lease.job_id, exc_info=True)
+        log.warning("%s: its optimizer state was not saved; the next run starts it over", what, exc_info=True)
         return None
 
 
-def load_resume(store, cache, job):
-    """The ``InsertState`` a handed-back ``job`` names, or None (none, or unreadable: start over)."""
-    if job.resume_object_key is None:
+def load_resume(store, cache, key: str | None, sha256: str | None, what: str):
+    """The ``InsertState`` at ``key`` (a row's resume_object_key), or None (none, or
+    unreadable: ``what``'s optimization starts over)."""
+    if key is None:
         return None
     try:
-        return InsertState.from_bytes(fetch(store, job.resume_object_key, cache, job.resume_sha256).read_bytes())
+        return InsertState.from_bytes(fetch(store, key, cache, sha256).read_bytes())
     except (ObjectNotFound, ChecksumMismatch, CheckpointError, StorageUnavailable):
-        log.warning("job %s: its saved optimizer state cannot be read; starting the insert over", job.id,
-                    exc_info=True)
+        log.warning("%s: its saved optimizer state cannot be read; starting it over", what, exc_info=True)
         return None
 
 
@@ -295,10 +298,14 @@ def send_again(app, job_id: str) -> None:
 def run_claimed(session_factory, store, settings, lease, heartbeat, warm=None, send_shard=None):
     """Load, statistics, optimize, evaluate, upload; (metrics, [(name, StoredObject, type)])."""
     progress = Progress(session_factory, lease, retry_s=settings.db_retry_seconds)
+    ended = None  # where the insert ended, once it has: a stop after it hands that back
+
+    def stop(what):
+        return Cancelled(f"cancelled {what}", state=ended)
 
     def phase(name, **fields):
         if heartbeat.should_stop():
-            raise Cancelled(f"cancelled before {name}")
+            raise stop(f"before {name}")
         progress.milestone(name, **fields)
 
     plan = retry_transaction(session_factory, lambda session: plan_job(session, lease.job_id, settings.stat_samples),
@@ -329,7 +336,7 @@ def run_claimed(session_factory, store, settings, lease, heartbeat, warm=None, s
         shard_samples=settings.shard_samples, warm=warm, send_shard=send_shard, retry_s=settings.db_retry_seconds)
 
     steps = request.params.steps
-    resume = load_resume(store, cache, plan.job)
+    resume = load_resume(store, cache, plan.job.resume_object_key, plan.job.resume_sha256, f"job {lease.job_id}")
     phase("optimizing", step=resume.step if resume else 0, total=steps)
 
     def on_edit(name, step, loss):
@@ -352,6 +359,7 @@ def run_claimed(session_factory, store, settings, lease, heartbeat, warm=None, s
                     exc_info=True)
         resume = None
         result = edit(None)
+    ended = result.state
 
     phase("evaluating")
     metrics, preview = evaluate(model, segmenter, result, request, options,
@@ -360,16 +368,22 @@ def run_claimed(session_factory, store, settings, lease, heartbeat, warm=None, s
     metrics["resumed_from_step"] = resume.step if resume else 0
 
     phase("uploading")
-    pause_for_tests(settings.test_slow_upload_seconds, heartbeat)
+    if pause_for_tests(settings.test_slow_upload_seconds, heartbeat):
+        raise stop("while uploading")
     tenant = plan.job.tenant_id
     body = json.dumps(metrics, sort_keys=True, indent=2).encode()
 
     def upload(put, source, kind, name, *rest):  # rest: content type (and a put_file's known sha256)
         # content-addressed: an upload tried again writes the same bytes to the same key
-        return retry_call(lambda: put(session_factory, store, source, tenant, kind, name, *rest,
-                                      db_retry_s=settings.db_retry_seconds),
-                          budget_s=settings.storage_retry_seconds, errors=STORE_ERRORS,
-                          give_up=heartbeat.should_stop, what=f"job {lease.job_id}: upload {kind}")
+        try:
+            return retry_call(lambda: put(session_factory, store, source, tenant, kind, name, *rest,
+                                          db_retry_s=settings.db_retry_seconds),
+                              budget_s=settings.storage_retry_seconds, errors=STORE_ERRORS,
+                              give_up=heartbeat.should_stop, what=f"job {lease.job_id}: upload {kind}")
+        except STORE_ERRORS:
+            if heartbeat.should_stop():  # it stopped waiting for the store: cancelled, or handed back
+                raise stop(f"while uploading {kind}") from None
+            raise
 
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         checkpoint = Path(tmp) / "model.safetensors"
@@ -389,13 +403,16 @@ def run_claimed(session_factory, store, settings, lease, heartbeat, warm=None, s
     return metrics, uploads
 
 
-def pause_for_tests(seconds: int, heartbeat) -> None:
+def pause_for_tests(seconds: int, heartbeat) -> bool:
     """PALIMPSEST_TEST_SLOW_UPLOAD_SECONDS (0 by default: nothing): hold the uploading phase
     open so that the reliability tests can kill a worker or take the store down during it.
-    A cancel still ends it at once."""
+    A cancel or a hand-back still ends it at once: True then."""
     deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline and not heartbeat.should_stop():
+    while time.monotonic() < deadline:
+        if heartbeat.should_stop():
+            return True
         time.sleep(0.1)
+    return False
 
 
 # --- evaluation -------------------------------------------------------------------------------

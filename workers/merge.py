@@ -47,14 +47,17 @@ from pathlib import Path
 
 from celery import shared_task
 from celery.exceptions import SoftTimeLimitExceeded
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
 
 from storage.db import session_scope
+from storage.deletion import record_deleted
 from storage.models import Artifact, Batch, BatchMerge, Job, Statistic, new_id, utcnow
 from storage.objects import ObjectNotFound, StorageUnavailable
 from workers import deliveries
+from workers.retry import retry_transaction
+from workers.statistics import HANDED_BACK
 
 log = logging.getLogger(__name__)
 
@@ -87,11 +90,19 @@ def member_groups(session, batch_id: str, default_samples: int) -> dict:
     return groups
 
 
-def process_merge(session_factory, store, settings, batch_id: str, warm=None, celery=None) -> str | None:
+def process_merge(session_factory, store, settings, batch_id: str, warm=None, celery=None,
+                  shutdown=None) -> str | None:
     """The body of ``merge_batch``: merge each group not merged yet, then complete the batch.
-    Returns the batch's status afterwards (None: no such batch). A batch that is not
+    Returns the batch's status afterwards (None: no such batch), or ``HANDED_BACK`` when the
+    worker was stopping (``shutdown``: its ``ShutdownNotice``, past the grace): the group
+    being solved stopped between steps, its optimizer state saved on the batch, this
+    delivery not counted, and the caller sends the task again. A batch that is not
     ``finalizing`` with ``merge`` set is left as it is."""
+    from rewriting.errors import Cancelled
     from workers.batches import complete_batch
+    from workers.heartbeat import handback_after
+
+    stopping = handback_after(shutdown, settings.worker_shutdown_grace_seconds) or (lambda: False)
 
     with session_scope(session_factory) as session:
         batch = session.get(Batch, batch_id, populate_existing=True)
@@ -114,26 +125,60 @@ def process_merge(session_factory, store, settings, batch_id: str, warm=None, ce
                 columns.update(status="failed", error_code=deliveries.WORKER_LOST,
                                error_message=deliveries.lost_message("the merge", number))
             else:
-                columns.update(merge_or_failure(session_factory, store, settings, tenant_id, plans, warm))
+                try:
+                    columns.update(merge_or_failure(session_factory, store, settings, tenant_id, plans, warm,
+                                                    batch_id, stopping))
+                except Cancelled as e:
+                    _hand_back(session_factory, store, settings, batch_id, tenant_id, e.state)
+                    return HANDED_BACK
             if columns["status"] == "failed":
                 log.warning("batch %s: merge of %s at %s failed: %s", batch_id, base_sha256[:12], layer,
                             columns["error_message"])
             with session_scope(session_factory) as session:
                 record_merge(session, **columns)
+                _set_resume(session, batch_id, None)  # the state was this group's
     complete_batch(session_factory, batch_id, celery)
     with session_scope(session_factory) as session:
         return session.scalar(select(Batch.status).where(Batch.id == batch_id))
 
 
-def merge_or_failure(session_factory, store, settings, tenant_id: str, plans: list, warm=None) -> dict:
+def _set_resume(session, batch_id: str, stored) -> None:
+    """Name ``stored`` (or nothing) as the batch's merge state; a state it replaces goes to the sweep."""
+    old = session.scalar(select(Batch.resume_object_key).where(Batch.id == batch_id))
+    if old is not None and old != (stored and stored.key):
+        record_deleted(session, [old])
+    if old is not None or stored is not None:
+        session.execute(update(Batch).where(Batch.id == batch_id).values(
+            resume_object_key=stored and stored.key, resume_sha256=stored and stored.sha256)
+            .execution_options(synchronize_session=False))
+
+
+def _hand_back(session_factory, store, settings, batch_id: str, tenant_id: str, state) -> None:
+    """Save where the group's optimizer stood (None: keep what the batch names) and give
+    this delivery back; the batch stays ``finalizing`` for the task sent again."""
+    from workers.jobs import save_resume
+
+    what = f"batch {batch_id}: merge"
+    stored = None if state is None else save_resume(session_factory, store, settings, tenant_id, state, what)
+    if stored is not None:
+        retry_transaction(session_factory, lambda session: _set_resume(session, batch_id, stored),
+                          budget_s=settings.db_retry_seconds, what=f"{what}: save state")
+    deliveries.give_back(session_factory, Batch, batch_id, settings.db_retry_seconds)
+    log.info("%s handed back (the worker is stopping)%s", what,
+             f", to go on from optimizer step {state.step}" if stored is not None else "")
+
+
+def merge_or_failure(session_factory, store, settings, tenant_id: str, plans: list, warm=None,
+                     batch_id: str | None = None, should_stop=None) -> dict:
     """``merge_group``'s columns, or a failure's (status, error_code, error_message). An outage
-    of the store or the database raises instead: the merge is tried again later."""
-    from rewriting.errors import EngineError
+    of the store or the database raises instead: the merge is tried again later; so does a
+    stop (``should_stop``: ``Cancelled``)."""
+    from rewriting.errors import Cancelled, EngineError
     from workers.artifacts import ChecksumMismatch
 
     try:
-        return merge_group(session_factory, store, settings, tenant_id, plans, warm)
-    except (StorageUnavailable, DBAPIError):
+        return merge_group(session_factory, store, settings, tenant_id, plans, warm, batch_id, should_stop)
+    except (StorageUnavailable, DBAPIError, Cancelled):
         raise
     except (EngineError, ChecksumMismatch) as e:
         return dict(status="failed", error_code=e.code, error_message=str(e))
@@ -147,17 +192,22 @@ def merge_or_failure(session_factory, store, settings, tenant_id: str, plans: li
         return dict(status="failed", error_code="internal_error", error_message=f"{type(e).__name__}: {e}")
 
 
-def merge_group(session_factory, store, settings, tenant_id: str, plans: list, warm=None) -> dict:
-    """Solve one group's rules jointly and upload the results; the BatchMerge columns."""
+def merge_group(session_factory, store, settings, tenant_id: str, plans: list, warm=None,
+                batch_id: str | None = None, should_stop=None) -> dict:
+    """Solve one group's rules jointly and upload the results; the BatchMerge columns.
+    ``should_stop()`` is polled between rules and optimizer steps (``Cancelled``); the
+    optimization goes on from the state ``batch_id`` names, if any (the groups are merged
+    in order, so it is this one's)."""
     from rewriting.delta import EditDelta, materialize
     from rewriting.edit import edit_targets, insert_config
-    from rewriting.errors import IncompatibleError
+    from rewriting.errors import Cancelled, IncompatibleError
     from rewriting.layers import editable_layers, model_device
     from rewriting.merge import Rule, merge_rules
     from rewriting.requests import check_layer
     from rewriting.statistics import SecondMoment
     from workers.artifacts import cache_dir, fetch, put_bytes, put_file
     from workers.cache import WorkerCache
+    from workers.jobs import load_resume
     from workers.statistics import load_checkpoint
 
     warm = warm if warm is not None else WorkerCache()
@@ -176,6 +226,8 @@ def merge_group(session_factory, store, settings, tenant_id: str, plans: list, w
                  for plan in plans}
     rules, moments = [], {}
     for plan in plans:
+        if should_stop is not None and should_stop():
+            raise Cancelled("merge stopped before its optimization")
         job = plan.job
         stat, artifact = stats[job.id], deltas.get(job.id)
         if stat is None or stat.status != "ready" or artifact is None:
@@ -193,11 +245,28 @@ def merge_group(session_factory, store, settings, tenant_id: str, plans: list, w
     # Every member's statistic estimates the same keys' moment; the closed form's metric is
     # the one from the most samples.
     metric_id, metric = max(moments.items(), key=lambda item: item[1].count)
-    result = merge_rules(model, layer, rules, config, base_sha256=base_sha256, moment=metric)
+    what = f"batch {batch_id}: merge of {base_sha256[:12]} at {layer}"
+    with session_scope(session_factory) as session:
+        named = session.execute(select(Batch.resume_object_key, Batch.resume_sha256)
+                                .where(Batch.id == batch_id)).first() if batch_id else None
+    resume = load_resume(store, cache, *(named or (None, None)), what) if config.method != "closed_form" else None
+
+    def merge(resume):
+        return merge_rules(model, layer, rules, config, base_sha256=base_sha256, moment=metric,
+                           should_stop=should_stop, resume=resume)
+
+    try:
+        result = merge(resume)
+    except IncompatibleError:
+        if resume is None:
+            raise
+        log.warning("%s: its saved optimizer state does not fit; starting it over", what, exc_info=True)
+        resume = None
+        result = merge(None)
 
     report = result.report()
     report.update(batch=first.job.batch_id, model=first.model.id, model_sha256=base_sha256, config=config.as_dict(),
-                  statistic=metric_id)
+                  statistic=metric_id, resumed_from_step=resume.step if resume else 0)
     for entry, plan in zip(report["per_rule"], plans):
         entry.update(job=plan.job.id, custom_id=plan.job.custom_id)
     body = json.dumps(report, sort_keys=True, indent=2).encode()
@@ -223,5 +292,9 @@ def merge_group(session_factory, store, settings, tenant_id: str, plans: list, w
 def merge_batch(self, batch_id: str) -> None:
     """Merge a finalizing batch's edits per (model, layer), then complete it (see the module
     doc). Queue ``gpu``; safe to deliver twice."""
-    process_merge(self.app.session_factory, self.app.store, self.app.settings, batch_id, warm=self.app.cache,
-                  celery=self.app)
+    from workers.heartbeat import send_handed_back
+
+    status = process_merge(self.app.session_factory, self.app.store, self.app.settings, batch_id,
+                           warm=self.app.cache, celery=self.app, shutdown=self.app.shutdown_notice)
+    if status == HANDED_BACK:
+        send_handed_back(lambda: self.app.send_task(self.name, args=[batch_id]), f"batch {batch_id}")

@@ -599,16 +599,6 @@ def _give_up(session_factory, statistic_id: str, error: str) -> None:
         time.sleep((expires - utcnow()).total_seconds() + 0.1)
 
 
-def _give_back_delivery(session_factory, statistic_id: str, retry_s: float) -> None:
-    """Undo the count of a ``compute_statistic`` delivery that handed its work back (the
-    worker was stopping): an orderly stop is not a worker death."""
-    retry_transaction(session_factory, lambda session: session.execute(
-        update(Statistic).where(Statistic.id == statistic_id, Statistic.deliveries > 0)
-        .values(deliveries=Statistic.deliveries - 1).execution_options(synchronize_session=False)),
-        budget_s=retry_s, what=f"{statistic_id}: give back")
-    log.info("%s: handed back (the worker is stopping)", statistic_id)
-
-
 def process_statistic(session_factory, store, settings, statistic_id: str, owner: str | None = None,
                       warm=None, send_shard=None, shutdown=None) -> str | None:
     """The body of ``compute_statistic``: make the statistic ready (or find it ready).
@@ -657,7 +647,8 @@ def process_statistic(session_factory, store, settings, statistic_id: str, owner
             except Cancelled:
                 if not heartbeat.handing_back:
                     raise
-                _give_back_delivery(session_factory, statistic_id, settings.db_retry_seconds)
+                deliveries.give_back(session_factory, Statistic, statistic_id, settings.db_retry_seconds)
+                log.info("%s: handed back (the worker is stopping)", statistic_id)
                 return HANDED_BACK
     return stat.status
 

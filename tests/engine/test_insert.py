@@ -237,6 +237,15 @@ def test_a_resumed_insert_ends_as_one_never_stopped_bit_for_bit(method, patience
     assert torch.equal(resumed.lam, whole.lam) and torch.equal(resumed.directions, whole.directions)
     assert patience == 0 or whole.stopped_early  # the plateau bookkeeping carried over too
 
+    # resumed from where it ended, a finished insert runs no step and gives its result again
+    ran = []
+    again = insert(model, "conv", (x,), target, d, config, resume=InsertState.from_bytes(whole.state.to_bytes()),
+                   progress=lambda step, loss: ran.append(step))
+    assert ran == [] and again.state.step == whole.steps
+    assert (again.steps, again.stopped_early, again.losses, again.loss) == (
+        whole.steps, whole.stopped_early, whole.losses, whole.loss)
+    assert torch.equal(again.lam, whole.lam)
+
 
 def test_a_state_from_before_the_first_step_starts_afresh():
     model, x, target, d = conv_problem("equalized")

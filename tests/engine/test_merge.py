@@ -94,6 +94,25 @@ def test_merged_rules_each_lower_their_loss_and_beat_the_deltas_stacked(model, e
     assert set(report["per_rule"][0]) == {"name", "initial_loss", "alone_loss", "merged_loss"}
 
 
+def test_a_stopped_merge_resumed_ends_as_one_never_stopped_bit_for_bit(model, edits):
+    from rewriting.errors import Cancelled
+    from rewriting.insert import InsertState
+
+    _, rules = edits
+    config = InsertConfig(steps=120, plateau_patience=0)
+    whole = merge_rules(model, LAYER, rules, config)
+    polls = []
+    with pytest.raises(Cancelled) as stopped:
+        merge_rules(model, LAYER, rules, config, should_stop=lambda: polls.append(1) or len(polls) > 50)
+    state = InsertState.from_bytes(stopped.value.state.to_bytes())  # as a worker keeps it
+    assert state.step == 50
+    resumed = merge_rules(model, LAYER, rules, config, resume=state)
+    assert (resumed.steps, resumed.loss) == (whole.steps, whole.loss)
+    assert torch.equal(resumed.delta.lam, whole.delta.lam)
+    with pytest.raises(IncompatibleError):  # another set of rules spans other directions
+        merge_rules(model, LAYER, rules[:2], config, resume=state)
+
+
 def test_merging_one_rule_is_the_rule_alone(model, moment):
     result = run_edit(model, LAYER, copy_request(), moment)
     merged = merge_rules(model, LAYER, [Rule(result.targets, result.delta.directions, alone=result.delta)],

@@ -330,6 +330,49 @@ def test_a_handed_back_job_goes_on_from_its_optimizer_step(world, tiny_model):
     assert resumed["checkpoint"].sha256 == whole["checkpoint"].sha256
 
 
+@pytest.mark.parametrize("patience", [0, 5])  # runs every step, or stops at a plateau
+def test_a_job_handed_back_after_its_insert_does_not_optimize_again(world, tiny_model, patience):
+    """Stopped while uploading, the job saves where its insert ended; the next claim runs no
+    optimizer step and ends with the artifacts of a run that never stopped."""
+    from workers.heartbeat import ShutdownNotice
+
+    params = fast_params(steps=300, plateau_patience=patience, plateau_tolerance=0.05)
+    whole_id = world.job(tiny_model.tenant_id, tiny_model.model_id, params=params)
+    assert process_job(world.session_factory, world.store, world.settings, whole_id) == "succeeded"
+    whole = job_row(world, whole_id)
+    assert whole.metrics["stopped_early"] == (patience > 0)
+
+    job_id = world.job(tiny_model.tenant_id, tiny_model.model_id, params=params)
+    notice, result = ShutdownNotice(), {}
+    # the uploading phase held open until the hand-back
+    settings = replace(world.settings, worker_shutdown_grace_seconds=0, test_slow_upload_seconds=60)
+    thread = threading.Thread(target=lambda: result.update(status=process_job(
+        world.session_factory, world.store, settings, job_id, owner="stopping:1", shutdown=notice)))
+    thread.start()
+    wait_for(lambda: job_row(world, job_id).phase == "uploading")
+    notice.announce()
+    thread.join(timeout=30)
+    assert result == {"status": "queued"}
+    job = job_row(world, job_id)
+    assert job.resume_object_key is not None and artifacts(world, job_id) == {}
+    with session_scope(world.session_factory) as session:
+        released = session.scalars(select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.status == "queued")
+                                   .order_by(JobEvent.seq.desc())).first()
+    assert released.message.endswith(f"to go on from optimizer step {whole.metrics['steps']}")
+
+    assert process_job(world.session_factory, world.store, world.settings, job_id) == "succeeded"
+    job = job_row(world, job_id)
+    assert job.metrics["resumed_from_step"] == whole.metrics["steps"]
+    with session_scope(world.session_factory) as session:  # no optimizer step reported after the release
+        steps = set(session.scalars(select(JobEvent.step).where(
+            JobEvent.job_id == job_id, JobEvent.kind == "progress", JobEvent.phase == "optimizing",
+            JobEvent.seq > released.seq)))
+    assert steps == {whole.metrics["steps"]}
+    resumed, whole = artifacts(world, job_id), artifacts(world, whole_id)
+    for name in ("delta", "checkpoint", "preview"):  # metrics.json holds the seconds each took
+        assert resumed[name].sha256 == whole[name].sha256, name
+
+
 def test_demo_job_names_the_classes_it_measures(sqlite_url, tmp_path):
     """On the trained demo: the metrics find dome (source) and spire (target) from the boxes alone."""
     from demo.artifacts import GENERATOR_PATH, SEGMENTER_PATH

@@ -46,7 +46,7 @@ class Batches:
             session.flush()
             batch_id = batch.id
         jobs = [world.job(self.tiny.tenant_id, self.tiny.model_id, layer=layer, request=request,
-                          params=fast_params(steps=60, **params), batch_id=batch_id, custom_id=custom_id)
+                          params=fast_params(**{"steps": 60, **params}), batch_id=batch_id, custom_id=custom_id)
                 for custom_id, layer, request in members]
         for job_id in jobs:
             process_job(world.session_factory, world.store, world.settings, job_id, warm=self.warm)
@@ -54,9 +54,9 @@ class Batches:
             assert set_status(session, batch_id, "in_progress", "finalizing")
         return batch_id, jobs
 
-    def merge(self, batch_id):
-        return process_merge(self.world.session_factory, self.world.store, self.world.settings, batch_id,
-                             warm=self.warm)
+    def merge(self, batch_id, settings=None, shutdown=None):
+        return process_merge(self.world.session_factory, self.world.store, settings or self.world.settings,
+                             batch_id, warm=self.warm, shutdown=shutdown)
 
     def merges(self, batch_id):
         with session_scope(self.world.session_factory) as session:
@@ -180,6 +180,52 @@ def test_merge_batch_is_safe_to_run_twice_and_skips_merged_groups(world, batches
     # the same update again (the delta's identity: safetensors files order metadata keys at random)
     identity = lambda row: EditDelta.from_bytes(world.read(row.delta_object_key)).sha256  # noqa: E731
     assert identity(again[1]) == identity(rows[1])
+
+
+def test_a_handed_back_merge_goes_on_from_its_optimizer_step(world, batches):
+    """A stopping worker (past its grace) stops the merge between steps, saves the group's
+    optimizer state on the batch and gives the delivery back; the next delivery goes on
+    from that step and merges what a merge that never stopped merges."""
+    import threading
+    import time
+    from dataclasses import replace
+
+    from storage.models import DeletedObject
+    from workers.heartbeat import ShutdownNotice
+    from workers.statistics import HANDED_BACK
+
+    members = MEMBERS[:2]
+    params = dict(steps=4000, plateau_patience=0)  # the merge takes the members' steps
+    whole_id, _ = batches.create(members, **params)
+    assert batches.merge(whole_id) == "completed"
+    batch_id, _ = batches.create(members, **params)
+    notice, result = ShutdownNotice(), {}
+    settings = replace(world.settings, worker_shutdown_grace_seconds=0)
+    thread = threading.Thread(target=lambda: result.update(status=batches.merge(batch_id, settings, notice)))
+    thread.start()
+    time.sleep(1.5)  # into the optimization
+    notice.announce()
+    thread.join(timeout=60)
+    assert result == {"status": HANDED_BACK} and batches.merges(batch_id) == []
+    with session_scope(world.session_factory) as session:
+        batch = session.get(Batch, batch_id)
+        assert (batch.status, batch.deliveries) == ("finalizing", 0)  # the delivery was given back
+    state_key = batch.resume_object_key
+    assert state_key.startswith(f"tenants/{batch.tenant_id}/resume/")
+    from rewriting.insert import InsertState
+
+    stopped_at = InsertState.from_bytes(world.read(state_key)).step
+    assert 0 < stopped_at < 4000  # part-way
+
+    assert batches.merge(batch_id) == "completed"
+    (resumed,), (whole,) = batches.merges(batch_id), batches.merges(whole_id)
+    assert resumed.report["steps"] == whole.report["steps"] == 4000
+    assert (resumed.report["resumed_from_step"], whole.report["resumed_from_step"]) == (stopped_at, 0)
+    identity = lambda row: EditDelta.from_bytes(world.read(row.delta_object_key)).sha256  # noqa: E731
+    assert identity(resumed) == identity(whole)
+    with session_scope(world.session_factory) as session:
+        assert session.get(Batch, batch_id).resume_object_key is None
+        assert session.get(DeletedObject, state_key) is not None  # for the sweep
 
 
 def test_only_succeeded_members_are_merged(world, batches):
