@@ -173,6 +173,69 @@ def test_a_stopping_worker_hands_its_statistic_shard_to_the_other_worker(service
                    shard_images=SHARD_SAMPLES)
 
 
+def test_a_stopping_worker_hands_its_merge_to_the_other_worker(service, figures, tmp_path):
+    import copy
+    import json
+
+    from sqlalchemy import select
+
+    from faults import DEMO_REQUEST, QUICK
+    from storage.models import Batch, BatchMerge
+
+    while len(service.workers) < 2:
+        service.start_workers(1)
+    request = json.loads(DEMO_REQUEST.read_text())
+    layer = request.pop("layer")
+    other = copy.deepcopy(request)
+    other["paste"]["seed"] = other["context"][0]["seed"] = 7
+    # a merge optimizes every step its members asked for (no plateau stop): well past the grace
+    params = {**QUICK, "steps": 4000, "plateau_patience": 0}
+    lines = [{"custom_id": f"rule-{i}", "model": service.model_id, "layer": layer, "request": r, "params": params}
+             for i, r in enumerate([request, other])]
+    (tmp_path / "edits.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    received = {w.pid: w.log().count("workers.merge.merge_batch") for w in service.workers}
+    batch_id = service.client.submit_batch(tmp_path / "edits.jsonl", merge=True)["id"]
+
+    def batch():
+        with service.session() as session:
+            return session.get(Batch, batch_id)
+
+    def merging():  # the worker whose log received the merge, once its delivery is under way
+        if batch().delivered_at is None:
+            return None
+        return next((w for w in service.workers if w.log().count("workers.merge.merge_batch") > received[w.pid]),
+                    None)
+
+    victim = wait_until(merging, 300, interval=0.1, what=f"{batch_id} merging")
+    time.sleep(1)  # into its optimization
+    sent_at, start = now(), time.monotonic()
+    victim.signal(signal.SIGTERM)
+    victim.popen.wait(timeout=300)
+    exit_s = time.monotonic() - start
+    service.workers.remove(victim)
+    assert victim.popen.returncode == 0
+    assert exit_s < GRACE_S + EXIT_SLACK_S, victim.log()[-3000:]
+    handed = re.search(rf"batch {batch_id}: merge handed back \(the worker is stopping\), to go on from "
+                       r"optimizer step (\d+)", victim.log())
+    assert handed, victim.log()[-3000:]
+
+    def completed():
+        row = batch()
+        assert row.status == "finalizing" or row.status == "completed", (row.status, row.error_message)
+        return row if row.status == "completed" else None
+
+    done = wait_until(completed, 300, interval=0.25, what=f"{batch_id} completed")
+    with service.session() as session:
+        (merge,) = session.scalars(select(BatchMerge).where(BatchMerge.batch_id == batch_id)).all()
+    assert (merge.status, merge.rules) == ("succeeded", 2)
+    # the other worker went on from the step the stopping one saved, and ran the rest
+    assert merge.report["resumed_from_step"] == int(handed.group(1)) > 0 and merge.report["steps"] == 4000
+    assert done.deliveries == 1 and done.resume_object_key is None  # the handed-back delivery was given back
+    figures.update(grace_s=GRACE_S, sigterm_to_exit_s=round(exit_s, 2),
+                   sigterm_to_completed_s=seconds(sent_at, done.finished_at),
+                   resumed_from_step=merge.report["resumed_from_step"])
+
+
 def test_an_idle_worker_stops_at_once_on_a_group_sigterm(service, figures):
     # its pool process ran a job, so it holds the handler that waits for the main process
     while len(service.workers) < 2:
