@@ -59,8 +59,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from rewriting.checkpoint import load_model
 from rewriting.delta import applied, materialize
 from rewriting.edit import run_edit
-from rewriting.errors import Cancelled, CheckpointError, EditRequestError, EngineError, IncompatibleError
-from rewriting.insert import InsertState
+from rewriting.errors import Cancelled, EditRequestError, EngineError
 from rewriting.layers import editable_layers
 from rewriting.metrics import edit_metrics, held_out_seeds, segment
 from rewriting.render import generate, image_grid
@@ -77,6 +76,7 @@ from workers.device import resolve_device
 from workers.heartbeat import Heartbeat, handback_after, send_handed_back, worker_name
 from workers.models import layer_json
 from workers.params import split_params
+from workers.resume import load_state, run_resumed, save_state
 from workers.retry import STORE_ERRORS, retry_call, retry_transaction
 from storage.statistics import keys_layer, sample_spec
 from workers.statistics import ensure_statistic, load_checkpoint, shard_sender
@@ -232,7 +232,7 @@ def _hand_back(session_factory, store, settings, lease, grace, state=None) -> st
     """Release the job (``queued``), its lease cleared, so that another worker can claim it
     as soon as the task is sent again (``run_job`` does that once this is committed).
     ``state``: where its optimizer stood (``rewriting.insert.InsertState``), saved for the
-    next claim to go on from (``load_resume``); a state that cannot be saved is dropped,
+    next claim to go on from (``workers.resume``); a state that cannot be saved is dropped,
     and the job then optimizes from where it last stood (or from the start)."""
     reason = f"its worker was stopping (still running {grace} s after the shutdown began); queued again"
     stored = None
@@ -240,7 +240,7 @@ def _hand_back(session_factory, store, settings, lease, grace, state=None) -> st
         tenant = retry_transaction(session_factory, lambda session: session.scalar(
             select(Job.tenant_id).where(Job.id == lease.job_id)), budget_s=settings.db_retry_seconds,
             what=f"job {lease.job_id}: read")
-        stored = save_resume(session_factory, store, settings, tenant, state, f"job {lease.job_id}")
+        stored = save_state(session_factory, store, settings, tenant, state, f"job {lease.job_id}")
     if stored is not None:
         reason += f", to go on from optimizer step {state.step}"
     try:
@@ -253,33 +253,6 @@ def _hand_back(session_factory, store, settings, lease, grace, state=None) -> st
         return None
     log.info("job %s: handed back (the worker is stopping)", lease.job_id)
     return "queued"
-
-
-RESUME_NAME = "insert_state.safetensors"
-
-
-def save_resume(session_factory, store, settings, tenant_id: str, state, what: str):
-    """Upload an optimizer's ``InsertState`` to ``tenant_id``'s space (one try: the
-    orchestrator's kill is near); its StoredObject, or None (``what``'s next run starts its
-    optimization over)."""
-    try:
-        return put_bytes(session_factory, store, state.to_bytes(), tenant_id, "resume", RESUME_NAME,
-                         "application/octet-stream", db_retry_s=settings.db_retry_seconds)
-    except Exception:
-        log.warning("%s: its optimizer state was not saved; the next run starts it over", what, exc_info=True)
-        return None
-
-
-def load_resume(store, cache, key: str | None, sha256: str | None, what: str):
-    """The ``InsertState`` at ``key`` (a row's resume_object_key), or None (none, or
-    unreadable: ``what``'s optimization starts over)."""
-    if key is None:
-        return None
-    try:
-        return InsertState.from_bytes(fetch(store, key, cache, sha256).read_bytes())
-    except (ObjectNotFound, ChecksumMismatch, CheckpointError, StorageUnavailable):
-        log.warning("%s: its saved optimizer state cannot be read; starting it over", what, exc_info=True)
-        return None
 
 
 def send_again(app, job_id: str) -> None:
@@ -336,7 +309,7 @@ def run_claimed(session_factory, store, settings, lease, heartbeat, warm=None, s
         shard_samples=settings.shard_samples, warm=warm, send_shard=send_shard, retry_s=settings.db_retry_seconds)
 
     steps = request.params.steps
-    resume = load_resume(store, cache, plan.job.resume_object_key, plan.job.resume_sha256, f"job {lease.job_id}")
+    resume = load_state(store, cache, plan.job.resume_object_key, plan.job.resume_sha256, f"job {lease.job_id}")
     phase("optimizing", step=resume.step if resume else 0, total=steps)
 
     def on_edit(name, step, loss):
@@ -349,16 +322,7 @@ def run_claimed(session_factory, store, settings, lease, heartbeat, warm=None, s
         return run_edit(model, layer, request, moment, params=request.params, progress=on_edit,
                         should_stop=heartbeat.should_stop, base_sha256=plan.base_sha256, resume=resume)
 
-    try:
-        result = edit(resume)
-    except IncompatibleError:
-        if resume is None:
-            raise
-        # a state from another version of the engine (a deploy changed how directions are found)
-        log.warning("job %s: its saved optimizer state does not fit; starting the insert over", lease.job_id,
-                    exc_info=True)
-        resume = None
-        result = edit(None)
+    result, resume = run_resumed(edit, resume, f"job {lease.job_id}")
     ended = result.state
 
     phase("evaluating")

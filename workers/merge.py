@@ -156,10 +156,10 @@ def _set_resume(session, batch_id: str, stored) -> None:
 def _hand_back(session_factory, store, settings, batch_id: str, tenant_id: str, state) -> None:
     """Save where the group's optimizer stood (None: keep what the batch names) and give
     this delivery back; the batch stays ``finalizing`` for the task sent again."""
-    from workers.jobs import save_resume
+    from workers.resume import save_state
 
     what = f"batch {batch_id}: merge"
-    stored = None if state is None else save_resume(session_factory, store, settings, tenant_id, state, what)
+    stored = None if state is None else save_state(session_factory, store, settings, tenant_id, state, what)
     if stored is not None:
         retry_transaction(session_factory, lambda session: _set_resume(session, batch_id, stored),
                           budget_s=settings.db_retry_seconds, what=f"{what}: save state")
@@ -207,7 +207,7 @@ def merge_group(session_factory, store, settings, tenant_id: str, plans: list, w
     from rewriting.statistics import SecondMoment
     from workers.artifacts import cache_dir, fetch, put_bytes, put_file
     from workers.cache import WorkerCache
-    from workers.jobs import load_resume
+    from workers.resume import load_state, run_resumed
     from workers.statistics import load_checkpoint
 
     warm = warm if warm is not None else WorkerCache()
@@ -249,20 +249,13 @@ def merge_group(session_factory, store, settings, tenant_id: str, plans: list, w
     with session_scope(session_factory) as session:
         named = session.execute(select(Batch.resume_object_key, Batch.resume_sha256)
                                 .where(Batch.id == batch_id)).first() if batch_id else None
-    resume = load_resume(store, cache, *(named or (None, None)), what) if config.method != "closed_form" else None
+    resume = load_state(store, cache, *(named or (None, None)), what) if config.method != "closed_form" else None
 
     def merge(resume):
         return merge_rules(model, layer, rules, config, base_sha256=base_sha256, moment=metric,
                            should_stop=should_stop, resume=resume)
 
-    try:
-        result = merge(resume)
-    except IncompatibleError:
-        if resume is None:
-            raise
-        log.warning("%s: its saved optimizer state does not fit; starting it over", what, exc_info=True)
-        resume = None
-        result = merge(None)
+    result, resume = run_resumed(merge, resume, what)
 
     report = result.report()
     report.update(batch=first.job.batch_id, model=first.model.id, model_sha256=base_sha256, config=config.as_dict(),

@@ -382,9 +382,10 @@ def _compute_piece(session_factory, store, cache: Path, model, row_id: str, toke
     A cancel (a cancelled job, a worker handing back) first saves the moment so far and
     names it on the row, and the next claim goes on from the seed after it.
     Its database transactions are retried for ``retry_s`` while the database is away."""
-    from rewriting.errors import Cancelled, IncompatibleError
+    from rewriting.errors import Cancelled
     from rewriting.seeds import parse_seeds
     from rewriting.statistics import compute_second_moment
+    from workers.resume import run_resumed
 
     spec = f"seeds:{seeds.start}-{seeds.stop}"
     heartbeat.hold_statistic(row_id, token)
@@ -400,13 +401,7 @@ def _compute_piece(session_factory, store, cache: Path, model, row_id: str, toke
         if resume is not None:
             log.info("%s: going on from image %d of %d", row_id, len(parse_seeds(resume.metadata.get("seeds", ""))),
                      len(seeds))
-        try:
-            moment = compute(resume)
-        except IncompatibleError:
-            if resume is None:
-                raise
-            log.warning("%s: its saved moment does not fit; counting from the first seed", row_id, exc_info=True)
-            moment = compute(None)
+        moment, _ = run_resumed(compute, resume, row_id)
         stored = _upload_moment(session_factory, store, cache, moment, kind, {"sample_spec": spec}, retry_s)
     except Cancelled as e:
         if heartbeat.statistic_lost and not heartbeat.should_stop():

@@ -50,6 +50,12 @@ def submit_and_stop_its_worker(service, steps, group=False):
         service.start_workers(1)
     job = service.wait_phase(service.submit(steps=steps), "optimizing")
     victim = service.worker_of(job)
+    return (job, victim, *stop_worker(service, victim, group))
+
+
+def stop_worker(service, victim, group=False):
+    """SIGTERM the worker's main process (``group``: every process of its group) and wait for
+    it to exit: (when, seconds until it exited)."""
     sent_at, start = now(), time.monotonic()
     if group:
         victim.terminate()
@@ -57,7 +63,7 @@ def submit_and_stop_its_worker(service, steps, group=False):
         victim.signal(signal.SIGTERM)
     victim.popen.wait(timeout=300)
     service.workers.remove(victim)
-    return job, victim, sent_at, time.monotonic() - start
+    return sent_at, time.monotonic() - start
 
 
 @pytest.mark.parametrize("group", [False, True], ids=["main process", "process group"])
@@ -141,11 +147,7 @@ def test_a_stopping_worker_hands_its_statistic_shard_to_the_other_worker(service
 
     shard = wait_until(computing, 120, interval=0.1, what="a shard computing")
     victim = service.worker_of(shard)
-    sent_at, start = now(), time.monotonic()
-    victim.signal(signal.SIGTERM)
-    victim.popen.wait(timeout=300)
-    exit_s = time.monotonic() - start
-    service.workers.remove(victim)
+    sent_at, exit_s = stop_worker(service, victim)
     assert victim.popen.returncode == 0
     assert exit_s < GRACE_S + EXIT_SLACK_S, victim.log()[-3000:]
     assert "handed back (the worker is stopping)" in victim.log()
@@ -208,11 +210,7 @@ def test_a_stopping_worker_hands_its_merge_to_the_other_worker(service, figures,
 
     victim = wait_until(merging, 300, interval=0.1, what=f"{batch_id} merging")
     time.sleep(1)  # into its optimization
-    sent_at, start = now(), time.monotonic()
-    victim.signal(signal.SIGTERM)
-    victim.popen.wait(timeout=300)
-    exit_s = time.monotonic() - start
-    service.workers.remove(victim)
+    sent_at, exit_s = stop_worker(service, victim)
     assert victim.popen.returncode == 0
     assert exit_s < GRACE_S + EXIT_SLACK_S, victim.log()[-3000:]
     handed = re.search(rf"batch {batch_id}: merge handed back \(the worker is stopping\), to go on from "

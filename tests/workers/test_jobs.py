@@ -330,6 +330,31 @@ def test_a_handed_back_job_goes_on_from_its_optimizer_step(world, tiny_model):
     assert resumed["checkpoint"].sha256 == whole["checkpoint"].sha256
 
 
+@pytest.mark.parametrize("saved", ["unreadable", "another optimizer's"])
+def test_a_saved_state_that_cannot_be_used_is_started_over(world, tiny_model, saved):
+    """A state that is not one, or that another engine saved (here: of another method), is
+    logged and the insert starts over; the job ends as one that never stopped."""
+    import math
+
+    import torch
+
+    from rewriting.insert import InsertState
+    from workers.artifacts import put_bytes
+
+    params = fast_params(steps=50)
+    whole_id = world.job(tiny_model.tenant_id, tiny_model.model_id, params=params)
+    assert process_job(world.session_factory, world.store, world.settings, whole_id) == "succeeded"
+    data = b"not a state" if saved == "unreadable" else InsertState(
+        method="projected", directions=torch.zeros(1, 8), param=torch.zeros(1), adam={}, kept=math.inf,
+        kept_lam=None, best=math.inf, best_step=0, losses=[0.5]).to_bytes()
+    stored = put_bytes(world.session_factory, world.store, data, tiny_model.tenant_id, "resume", "state")
+    job_id = world.job(tiny_model.tenant_id, tiny_model.model_id, params=params,
+                       resume_object_key=stored.key, resume_sha256=stored.sha256)
+    assert process_job(world.session_factory, world.store, world.settings, job_id) == "succeeded"
+    assert job_row(world, job_id).metrics["resumed_from_step"] == 0
+    assert artifacts(world, job_id)["delta"].sha256 == artifacts(world, whole_id)["delta"].sha256
+
+
 @pytest.mark.parametrize("patience", [0, 5])  # runs every step, or stops at a plateau
 def test_a_job_handed_back_after_its_insert_does_not_optimize_again(world, tiny_model, patience):
     """Stopped while uploading, the job saves where its insert ended; the next claim runs no
