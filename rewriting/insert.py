@@ -354,18 +354,30 @@ def _optimize(config, t, w0, q, loss_at, progress, should_stop, resume=None):
 LINEAR_IN_WEIGHT = ("linear", "equalized_linear", "conv2d", "equalized_conv2d", "conv_transpose2d")
 
 
+def linear_in_weight(t):
+    """Whether the target's output is an affine function of its stored weight: a plain or
+    equalized layer, or a modulated conv that says it does not demodulate (``demodulate``
+    False; without the attribute it is taken to demodulate, which is not linear)."""
+    if t.module is not t.weight_module or t.in_dim not in (0, 1):
+        return False
+    return t.kind in LINEAR_IN_WEIGHT or (t.kind == "modulated_conv2d"
+                                          and getattr(t.weight_module, "demodulate", True) is False)
+
+
 def closed_form(model, t, cases, q, moment=None):
     """The least-squares ``lam`` over every case at once; where several fit equally (more
     unknowns than constraints), the one of least change: least ``sum_tap ||dW_tap||_C^2``
     when ``moment`` (C) is given, else least Euclidean norm. ``cases``: (args, kwargs,
     target, output_crop) of the target layer ``t``; one for an edit, one a rule for a merge
     (``rewriting.merge``), their rows stacked."""
-    if t.module is not t.weight_module or t.kind not in LINEAR_IN_WEIGHT or t.in_dim not in (0, 1):
+    if not linear_in_weight(t):
         inner = t.local_param.rpartition(".")[0]
         hint = f"; edit its weight module {t.layer + '.' + inner!r} instead" if inner else ""
+        if t.kind == "modulated_conv2d" and not inner:
+            hint = " that demodulates (a module that does not sets demodulate = False)"
         raise EditRequestError("method", f"closed_form needs a target whose output is linear in its weight "
-                               f"(linear, conv, transposed conv); {t.layer!r} is {t.kind} inside "
-                               f"{type(t.module).__name__}{hint}")
+                               f"(linear, conv, transposed conv, modulated conv without demodulation); "
+                               f"{t.layer!r} is {t.kind} inside {type(t.module).__name__}{hint}")
     w0 = t.weight.detach()
     out_dim = 1 - t.in_dim
     channels = w0.shape[out_dim]

@@ -24,7 +24,9 @@ Supported weight modules:
   as ``forward``, returns the per-input-channel style ``s``. Its forward must compute
   ``conv(x, weight_gain * weight * s)`` (then optionally demodulate per output
   channel), which equals ``conv(x * s, weight_gain * weight)``: so its keys are
-  ``x * s`` and the edited matrix is the shared ``weight_gain * weight``.
+  ``x * s`` and the edited matrix is the shared ``weight_gain * weight``. One that
+  does not demodulate may say so (``demodulate = False``): its output is then linear
+  in the weight, and the closed form applies (``rewriting.insert.linear_in_weight``).
 
 A custom module may set an int attribute ``in_channel_dim`` if its weight keeps
 input channels elsewhere (e.g. 0 for an equalized transposed conv, 2 for a weight

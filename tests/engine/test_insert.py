@@ -332,6 +332,54 @@ def test_closed_form_on_a_convolution_reaches_a_reachable_target(kind):
     assert torch.allclose(r.lam, lam_true, atol=1e-9)
 
 
+def test_closed_form_on_a_modulated_convolution_without_demodulation():
+    """Its output is linear in the shared weight (keys x * s): a reachable target is met
+    exactly. With demodulation it is not, and the closed form refuses it, naming why."""
+    from tests.engine.tiny_models import ModulatedConv2d
+
+    torch.manual_seed(0)
+    conv = ModulatedConv2d(16, 8, 3, w_dim=4, demodulate=False)
+    model = nn.Sequential(OrderedDict(conv=conv)).double().eval().requires_grad_(False)
+    x = torch.relu(torch.randn(2, 16, 5, 5, dtype=torch.float64))
+    w = torch.randn(2, 4, dtype=torch.float64)  # a different style per image
+    d = orthonormal_basis(torch.randn(1, 16, dtype=torch.float64))
+    lam_true = torch.randn(8, 1, 3, 3, dtype=torch.float64)
+    target = layer_forward(model, "conv", (x, w), weight=conv.weight + expand(lam_true, d, 1))
+    r = insert(model, "conv", (x, w), target, d, InsertConfig(method="closed_form", loss="mse"))
+    assert r.loss < 1e-20 * r.initial_loss
+    assert torch.allclose(r.lam, lam_true, atol=1e-9)
+
+    conv.demodulate = True
+    with pytest.raises(EditRequestError, match="demodulates") as e:
+        insert(model, "conv", (x, w), target, d, InsertConfig(method="closed_form", loss="mse"))
+    assert e.value.field == "method"
+
+
+class Unsaid(nn.Module):
+    """A modulated conv that has no ``demodulate`` attribute (it happens not to demodulate)."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(8, 16, 3, 3, dtype=torch.float64))
+
+    def input_styles(self, x, s):
+        return s
+
+    def forward(self, x, s):
+        return F.conv2d(x * s[:, :, None, None], self.weight, padding=1)
+
+
+def test_a_modulated_convolution_that_does_not_say_is_taken_to_demodulate():
+    model = nn.Sequential(OrderedDict(conv=Unsaid())).eval().requires_grad_(False)
+    x, s = torch.randn(2, 16, 5, 5, dtype=torch.float64), torch.rand(2, 16, dtype=torch.float64)
+    d = orthonormal_basis(torch.randn(1, 16, dtype=torch.float64))
+    target = layer_forward(model, "conv", (x, s))
+    with pytest.raises(EditRequestError, match="demodulates"):
+        insert(model, "conv", (x, s), target, d, InsertConfig(method="closed_form", loss="mse"))
+    model.conv.demodulate = False
+    insert(model, "conv", (x, s), target, d, InsertConfig(method="closed_form", loss="mse"))
+
+
 def test_closed_form_on_a_convolution_takes_the_least_change_in_the_c_metric():
     """All key directions, more unknowns than constraints: the solve meets W K* = V* at every
     output location, and among all such weights it minimizes sum_tap tr(dW_tap C dW_tap^T),
