@@ -343,10 +343,11 @@ def _save_partial(session_factory, store, cache: Path, row_id: str, partial, spe
         return None
 
 
-def _load_partial(session_factory, store, cache: Path, row_id: str, token: int, retry_s: float):
+def _load_partial(session_factory, store, cache: Path, row_id: str, token: int, seeds: range, retry_s: float):
     """The moment so far that the row names (read under the lease), or None: none, or
     unreadable (then the computation counts from the first seed)."""
-    from rewriting.errors import CheckpointError
+    from rewriting.errors import CheckpointError, EditRequestError
+    from rewriting.seeds import parse_seeds
     from rewriting.statistics import SecondMoment
     from workers.artifacts import ChecksumMismatch, fetch
 
@@ -355,10 +356,13 @@ def _load_partial(session_factory, store, cache: Path, row_id: str, token: int, 
     if named is None:
         return None
     try:
-        return SecondMoment.load(fetch(store, named[0], cache, named[1]))
-    except (ObjectNotFound, ChecksumMismatch, CheckpointError, StorageUnavailable):
+        partial = SecondMoment.load(fetch(store, named[0], cache, named[1]))
+        done = len(parse_seeds(partial.metadata["seeds"]))
+    except (ObjectNotFound, ChecksumMismatch, CheckpointError, StorageUnavailable, KeyError, EditRequestError):
         log.warning("%s: its saved moment cannot be read; counting from the first seed", row_id, exc_info=True)
         return None
+    log.info("%s: going on from image %d of %d", row_id, done, len(seeds))
+    return partial
 
 
 def _complete(session_factory, row_id: str, token: int, stored, count: int, retry_s: float) -> bool:
@@ -383,7 +387,6 @@ def _compute_piece(session_factory, store, cache: Path, model, row_id: str, toke
     names it on the row, and the next claim goes on from the seed after it.
     Its database transactions are retried for ``retry_s`` while the database is away."""
     from rewriting.errors import Cancelled
-    from rewriting.seeds import parse_seeds
     from rewriting.statistics import compute_second_moment
     from workers.resume import run_resumed
 
@@ -397,10 +400,7 @@ def _compute_piece(session_factory, store, cache: Path, model, row_id: str, toke
             resume=resume)
 
     try:
-        resume = _load_partial(session_factory, store, cache, row_id, token, retry_s)
-        if resume is not None:
-            log.info("%s: going on from image %d of %d", row_id, len(parse_seeds(resume.metadata.get("seeds", ""))),
-                     len(seeds))
+        resume = _load_partial(session_factory, store, cache, row_id, token, seeds, retry_s)
         moment, _ = run_resumed(compute, resume, row_id)
         stored = _upload_moment(session_factory, store, cache, moment, kind, {"sample_spec": spec}, retry_s)
     except Cancelled as e:

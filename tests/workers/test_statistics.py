@@ -291,3 +291,17 @@ def test_a_handed_back_statistic_goes_on_from_its_last_batch(database_url, tmp_p
         assert torch.equal(got.moment, want.moment) and torch.equal(got.sum, want.sum)
     else:  # the shards' sums are added in another order
         assert torch.allclose(got.moment, want.moment, rtol=1e-12, atol=0)
+
+
+def test_a_saved_moment_that_cannot_be_read_is_counted_again_from_the_first_seed(world, tiny_model):
+    from workers.artifacts import put_bytes
+
+    sha = model_sha(world, tiny_model.model_id)
+    stored = put_bytes(world.session_factory, world.store, b"not a moment", None, "statistic_resume", "m")
+    with session_scope(world.session_factory) as session:
+        stat = insert_statistic(session, sha, STAT_LAYER, SPEC)
+        stat.resume_object_key, stat.resume_sha256 = stored.key, stored.sha256
+        stat_id = stat.id
+    assert process_statistic(world.session_factory, world.store, world.settings, stat_id) == "ready"
+    stat = statistic_row(world, sha)
+    assert (stat.count, stat.resume_object_key) == (SAMPLES * 64, None)
